@@ -61,6 +61,7 @@ DEFAULT_CHUNK_LABELLED = 32
 SETTING_KEYS = ("kind", "n", "seed", "size", "cell_options", "labels", "label_settings")
 """Attributes that must match for a file to be resumed or accepted as already complete."""
 
+JSON_KEYS = ("cell_options", "label_settings")
 LABEL_KEYS = ("bands", "dos", "target")
 
 
@@ -111,9 +112,22 @@ def _stored_settings(f: h5py.File) -> dict[str, Any]:
 
 
 def _first_difference(path: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """Name the first setting (for JSON settings: the first inner key) in which a file differs."""
     for key in SETTING_KEYS:
-        if stored[key] != wanted[key]:
-            return f"{path}: made with {key}={stored[key]!r}, not {wanted[key]!r}"
+        old, new = stored[key], wanted[key]
+        if old == new:
+            continue
+        if key in JSON_KEYS:
+            try:
+                old_d, new_d = json.loads(old), json.loads(new)
+            except (TypeError, ValueError):
+                old_d = new_d = None
+            if isinstance(old_d, dict) and isinstance(new_d, dict):
+                for inner in sorted(set(old_d) | set(new_d)):
+                    if old_d.get(inner, "<unset>") != new_d.get(inner, "<unset>"):
+                        old_v, new_v = old_d.get(inner, "<unset>"), new_d.get(inner, "<unset>")
+                        return f"{path}: made with {key}.{inner}={old_v!r}, not {new_v!r}"
+        return f"{path}: made with {key}={old!r}, not {new!r}"
     return None
 
 
