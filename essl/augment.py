@@ -1,0 +1,101 @@
+"""View augmentations, run batched on the device after the batch transfer (kornia).
+
+The data loaders only decode images to uint8 tensors; everything stochastic happens here, on whole batches on
+the accelerator, in ``LightningModule.on_after_batch_transfer``. The recipe follows SimCLR (Chen et al.,
+2020) / BYOL (Grill et al., 2020) and the E-SSL reference code (Dangovski et al., ICLR 2022): random resized
+crop, horizontal flip, colour jitter applied with a probability, random grayscale, Gaussian blur, solarize,
+then normalisation. The equivariance view uses the same colour operations with its own (smaller) crop.
+
+kornia notes (DESIGN.md): ``cropping_mode="resample"`` crops the whole batch in one call (the default crops
+sample by sample); ``ColorJitter`` follows torchvision's formulas (``ColorJiggle`` does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import torch
+from torch import Tensor, nn
+
+# Largest uint8 value: images travel as uint8 until the device and become floats in [0, 1] here.
+UINT8_MAX = 255.0
+# Solarize at the midpoint, as torchvision's RandomSolarize(threshold=128) in the BYOL recipe.
+SOLARIZE_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One family of views: crop and photometric settings (explicit arguments, no config object)."""
+
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    hflip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 images -> float in [0, 1]; float inputs (e.g. permittivity maps) are passed through."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(UINT8_MAX)
+    return x.float()
+
+
+def _blur_kernel(size: int) -> int:
+    """SimCLR's blur kernel: 10% of the image side, made odd."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """A kornia pipeline producing one view of a float batch in [0, 1]: (B, C, H, W) -> (B, C, size, size).
+
+    Colour operations that need RGB (saturation, hue, grayscale) are left out for single-channel inputs.
+    """
+    ops: list[nn.Module] = [
+        K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale, cropping_mode="resample"),
+    ]
+    if spec.hflip_prob > 0:
+        ops.append(K.RandomHorizontalFlip(p=spec.hflip_prob))
+    if spec.jitter_prob > 0:
+        b, c, s, h = spec.jitter
+        if channels != 3:
+            s, h = 0.0, 0.0
+        ops.append(K.ColorJitter(b, c, s, h, p=spec.jitter_prob))
+    if spec.grayscale_prob > 0 and channels == 3:
+        ops.append(K.RandomGrayscale(p=spec.grayscale_prob))
+    if spec.blur_prob > 0:
+        k = _blur_kernel(spec.size)
+        ops.append(K.RandomGaussianBlur((k, k), spec.blur_sigma, p=spec.blur_prob))
+    if spec.solarize_prob > 0:
+        ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_prob))
+    ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
+    return nn.Sequential(*ops)
+
+
+class ViewMaker(nn.Module):
+    """Makes ``n_views`` invariant views of a uint8 batch, and the equivariance view source.
+
+    The equivariance branch (``eq_pipeline``) gets its own crop (the paper: ``RandomResizedCrop(16)`` on CIFAR)
+    and the same colour augmentations; the group transformation itself is applied afterwards by
+    :mod:`essl.transforms`, so its labels stay exact.
+    """
+
+    def __init__(self, view_pipeline: nn.Module, n_views: int = 2, eq_pipeline: nn.Module | None = None):
+        super().__init__()
+        self.view_pipeline = view_pipeline
+        self.n_views = n_views
+        self.eq_pipeline = eq_pipeline
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        x = to_float(x)  # (B, C, H, W) in [0, 1]
+        views = [self.view_pipeline(x) for _ in range(self.n_views)]
+        eq = self.eq_pipeline(x) if self.eq_pipeline is not None else None
+        return views, eq

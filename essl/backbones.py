@@ -1,0 +1,85 @@
+"""Backbones: ``build_backbone(name, in_channels, **kwargs) -> (module, feature_dim)``.
+
+Every backbone maps (B, C, H, W) float images to (B, feature_dim) features (the representation that the
+linear probe and the equivariance head read).
+
+* ``resnet18_cifar`` — ResNet-18 (He et al., 2016) with the CIFAR stem used by SimCLR and E-SSL on CIFAR-10
+  (Chen et al., 2020, appendix B.9; Dangovski et al., 2022): a 3×3 stride-1 first convolution and no max-pool.
+* ``small_cnn`` — four 3×3 conv/BN/ReLU blocks with stride-2 down-sampling and global average pooling; a few
+  hundred thousand parameters at width 32, for CPU-sized runs (digits, tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from essl.errors import UserError
+
+RESNET18_FEATURES = 512
+
+
+def resnet18_cifar(in_channels: int = 3) -> tuple[nn.Module, int]:
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net, RESNET18_FEATURES
+
+
+def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def small_cnn(in_channels: int = 3, width: int = 32) -> tuple[nn.Module, int]:
+    """conv(w) -> conv(2w, /2) -> conv(4w, /2) -> conv(4w, /2) -> global average pool: 4w features."""
+    net = nn.Sequential(
+        _conv_block(in_channels, width, 1),
+        _conv_block(width, 2 * width, 2),
+        _conv_block(2 * width, 4 * width, 2),
+        _conv_block(4 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return net, 4 * width
+
+
+BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "resnet18_cifar": resnet18_cifar,
+    "small_cnn": small_cnn,
+}
+
+
+def register_backbone(name: str, factory: Callable[..., tuple[nn.Module, int]]) -> None:
+    """Add a backbone factory ``factory(in_channels, **kwargs) -> (module, feature_dim)``."""
+    BACKBONES[name] = factory
+
+
+def build_backbone(name: str, in_channels: int = 3, **kwargs) -> tuple[nn.Module, int]:
+    """Build backbone ``name`` for ``in_channels`` input channels. Unknown names raise UserError."""
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}")
+    try:
+        return BACKBONES[name](in_channels=in_channels, **kwargs)
+    except TypeError as err:
+        raise UserError(f"backbone {name!r}: bad arguments {kwargs}: {err}") from None
+
+
+def check_input_size(backbone: nn.Module, channels: int, size: int) -> None:
+    """Run one tiny forward pass: a size the backbone cannot take is a UserError naming the size."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, channels, size, size))
+    except RuntimeError as err:
+        raise UserError(f"image size {size}x{size} with {channels} channels does not fit the backbone: {err}") from None
+    finally:
+        backbone.train(was_training)

@@ -1,0 +1,220 @@
+"""Readers for the image datasets (see the package docstring). Everything is returned as uint8 (N, C, H, W)."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from essl.errors import UserError
+
+DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed: results are comparable across runs
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_MAX_VALUE = 16.0  # scikit-learn's digits are integers in [0, 16]
+FOLDER_TEST_FRACTION = 0.1  # a flat ImageFolder tree is split 90/10 with a fixed seed
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+STL10_SIDE = 96
+
+
+@dataclass
+class LabelledData:
+    """In-memory uint8 images (N, C, H, W) with int64 labels; ``unlabelled`` extra images for pretraining."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    unlabelled: Tensor | None = None
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.x_train) == 0:
+            raise UserError(f"dataset {self.name!r} has no training images")
+        if not self.mean:
+            self.mean, self.std = channel_stats(self.x_train)
+
+    @property
+    def channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+    def pretrain_images(self) -> Tensor:
+        """Images used for self-supervised pretraining: train (+ unlabelled, e.g. STL-10's 100k)."""
+        if self.unlabelled is None:
+            return self.x_train
+        return torch.cat([self.x_train, self.unlabelled])
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units (computed, not hard-coded)."""
+    xf = x.float().div_(255.0).transpose(0, 1).reshape(x.shape[1], -1)
+    return tuple(xf.mean(1).tolist()), tuple(xf.std(1).clamp_min(1e-3).tolist())
+
+
+def resize_uint8(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of uint8 (N, C, H, W) to (N, C, size, size), rounded back to uint8."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_digits(image_size: int = 32) -> LabelledData:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy(np.round(d.images * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8))[:, None]  # (N,1,8,8)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=DIGITS_TEST_FRACTION, stratify=d.target, random_state=DIGITS_SPLIT_SEED
+    )
+    x = resize_uint8(x, image_size)
+    return LabelledData("digits", x[idx_train], y[idx_train], x[idx_test], y[idx_test], num_classes=10)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        return pickle.load(fh, encoding="bytes")
+
+
+def _find(root: Path, marker: str) -> Path:
+    """``root``'s child ``marker`` folder if there is one, else ``root`` itself."""
+    return root / marker if (root / marker).is_dir() else root
+
+
+def load_cifar(root: Path, classes: int, image_size: int | None) -> LabelledData:
+    marker = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    folder = _find(root, marker)
+    if classes == 10:
+        train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        test_files, key = [folder / "test_batch"], b"labels"
+    else:
+        train_files, test_files, key = [folder / "train"], [folder / "test"], b"fine_labels"
+    for f in train_files + test_files:
+        if not f.is_file():
+            raise UserError(f"cifar{classes}: missing file {f} (expected the python version, {marker}/)")
+
+    def read(files: list[Path]) -> tuple[Tensor, Tensor]:
+        parts = [_unpickle(f) for f in files]
+        x = np.concatenate([p[b"data"] for p in parts]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(p[key]) for p in parts]).astype(np.int64)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    xtr, ytr = read(train_files)
+    xte, yte = read(test_files)
+    if image_size:
+        xtr, xte = resize_uint8(xtr, image_size), resize_uint8(xte, image_size)
+    return LabelledData(f"cifar{classes}", xtr, ytr, xte, yte, num_classes=classes)
+
+
+def load_stl10(root: Path, image_size: int | None, unlabelled: bool = True) -> LabelledData:
+    folder = _find(root, "stl10_binary")
+
+    def images(name: str) -> Tensor:
+        f = folder / name
+        if not f.is_file():
+            raise UserError(f"stl10: missing file {f}")
+        raw = np.fromfile(f, dtype=np.uint8).reshape(-1, 3, STL10_SIDE, STL10_SIDE)
+        x = torch.from_numpy(raw.transpose(0, 1, 3, 2).copy())  # stored column-major
+        return resize_uint8(x, image_size) if image_size else x
+
+    def labels(name: str) -> Tensor:
+        f = folder / name
+        if not f.is_file():
+            raise UserError(f"stl10: missing file {f}")
+        return torch.from_numpy(np.fromfile(f, dtype=np.uint8).astype(np.int64) - 1)  # 1..10 -> 0..9
+
+    extra = images("unlabeled_X.bin") if unlabelled and (folder / "unlabeled_X.bin").is_file() else None
+    return LabelledData(
+        "stl10", images("train_X.bin"), labels("train_y.bin"), images("test_X.bin"), labels("test_y.bin"),
+        num_classes=10, unlabelled=extra,
+    )
+
+
+def _decode_folder(root: Path, classes: list[str], image_size: int) -> tuple[Tensor, Tensor]:
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((root / cls).rglob("*")):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                scale = image_size / min(im.size)
+                w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
+                im = im.resize((w, h), Image.BILINEAR)
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+                xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+                ys.append(label)
+    if not xs:
+        raise UserError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def load_folder(root: Path, image_size: int | None) -> LabelledData:
+    size = image_size or 32
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        if not classes:
+            raise UserError(f"image folder {root / 'train'} has no class sub-folders")
+        xtr, ytr = _decode_folder(root / "train", classes, size)
+        xte, yte = _decode_folder(test_dir, classes, size)
+    else:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise UserError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+        x, y = _decode_folder(root, classes, size)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+        n_test = max(1, int(round(FOLDER_TEST_FRACTION * len(y))))
+        xte, yte, xtr, ytr = x[perm[:n_test]], y[perm[:n_test]], x[perm[n_test:]], y[perm[n_test:]]
+    return LabelledData(f"folder:{root}", xtr, ytr, xte, yte, num_classes=len(classes))
+
+
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder")
+
+
+def _guess(root: Path) -> str:
+    if (root / "cifar-10-batches-py").is_dir() or (root / "data_batch_1").is_file():
+        return "cifar10"
+    if (root / "cifar-100-python").is_dir() or root.name == "cifar-100-python":
+        return "cifar100"
+    if (root / "stl10_binary").is_dir() or (root / "train_X.bin").is_file():
+        return "stl10"
+    return "folder"
+
+
+def load_labelled(name_or_path: str, image_size: int | None = None, path: str | None = None) -> LabelledData:
+    """Load a labelled dataset by name (``path`` for the on-disk ones) or by its path alone."""
+    name = name_or_path
+    if name not in DATASETS:
+        path, name = name_or_path, None
+    if name == "digits":
+        return load_digits(image_size or 32)
+    if not path:
+        raise UserError(f"dataset {name!r} needs data.path (the folder that holds it)")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}")
+    name = name or _guess(root)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(root, 10 if name == "cifar10" else 100, image_size)
+    if name == "stl10":
+        return load_stl10(root, image_size)
+    return load_folder(root, image_size)

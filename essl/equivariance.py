@@ -1,0 +1,54 @@
+"""The E-SSL equivariance branch (Dangovski et al., "Equivariant Contrastive Learning", ICLR 2022).
+
+Any SSL method gets the same branch: a transformation group with exact labels (:mod:`essl.transforms`), a
+prediction head on the backbone features and a weight λ. The total loss is ``ssl_loss + λ · CE``. The head is
+the paper's (CIFAR-10 code): Linear → LayerNorm → ReLU → Linear → LayerNorm → ReLU → Linear to the number of
+group elements.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from essl import transforms
+
+
+def equivariance_head(feature_dim: int, hidden_dim: int, n_classes: int) -> nn.Sequential:
+    """The paper's prediction head: two hidden layers with LayerNorm (512 → 2048 → 2048 → 4 on CIFAR-10)."""
+    return nn.Sequential(
+        nn.Linear(feature_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, n_classes),
+    )
+
+
+class EquivarianceBranch(nn.Module):
+    """Predict which group element was applied: ``(loss, accuracy)`` from a transformed batch and its labels."""
+
+    def __init__(
+        self,
+        group: str,
+        feature_dim: int,
+        weight: float,
+        hidden_dim: int = 2048,
+        mode: str = "all",
+        grid: int = 2,
+    ):
+        super().__init__()
+        self.group, self.mode, self.grid, self.weight = group, mode, grid, weight
+        self.head = equivariance_head(feature_dim, hidden_dim, transforms.group_size(group, grid))
+
+    def make_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, h, w) -> (x_t, labels): (G·B or B, C, h, w) and int64 labels, exact."""
+        return transforms.transform(x, self.group, self.mode, self.grid)
+
+    def loss(self, backbone: nn.Module, x_t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.head(backbone(x_t))  # (G·B, G)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, acc
