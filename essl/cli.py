@@ -1,0 +1,137 @@
+"""``essl`` command line: ``pretrain``, ``probe``, ``phc generate``.
+
+Thin on purpose: parse, load the config, call library functions. A :class:`~essl.errors.UserError` (bad
+config key, missing file, ...) is printed as one line on stderr with exit code 2; ``--debug`` shows the
+traceback instead. This is the one place that wires ``essl.eval`` and ``essl.photonics`` to the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from essl import __version__
+from essl.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with exit code 2 and a one-line message (its default, kept explicit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from essl.config import load_config
+    from essl.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    encoder = pretrain(cfg)
+    print(f"essl: encoder written to {encoder}")
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from essl.eval.linear_probe import format_table, run_probe
+
+    result = run_probe(
+        args.encoder,
+        data=args.data,
+        seeds=args.seeds,
+        device=args.device,
+        json_path=args.json,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_table(result))
+    if args.json:
+        print(f"essl: results written to {args.json}")
+    return 0
+
+
+def _cmd_phc_generate(args: argparse.Namespace) -> int:
+    from essl.photonics.dataset import generate
+
+    kwargs = {} if args.kgrid is None else {"kgrid": args.kgrid}
+    out = generate(
+        args.out,
+        args.kind,
+        args.n,
+        labels=args.labels,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        **kwargs,
+    )
+    print(f"essl: wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="essl", description="Equivariant self-supervised learning (E-SSL) pipeline.")
+    p.add_argument("--version", action="version", version=f"essl {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pre = sub.add_parser("pretrain", help="self-supervised pretraining from a YAML config")
+    pre.add_argument("config", help="YAML config, e.g. configs/digits/e-simclr.yaml")
+    pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=5")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    pr = sub.add_parser("probe", help="linear probe + kNN of a frozen encoder, with baselines")
+    pr.add_argument("encoder", help="encoder.pt written by `essl pretrain`")
+    pr.add_argument("--data", default=None, help="dataset name or path (default: the encoder's training data)")
+    pr.add_argument("--seeds", type=int, default=5, help="number of probe seeds (default 5)")
+    pr.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    pr.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.set_defaults(func=_cmd_probe)
+
+    phc = sub.add_parser("phc", help="photonic crystals: generate data")
+    phc_sub = phc.add_subparsers(dest="phc_command", required=True, parser_class=_Parser)
+    gen = phc_sub.add_parser("generate", help="generate unit cells (and DOS labels) into an HDF5 file")
+    gen.add_argument("--kind", required=True, choices=("blob", "levelset", "cylinder"))
+    gen.add_argument("--n", type=int, required=True, help="number of unit cells")
+    gen.add_argument("--out", required=True, help="output HDF5 file")
+    gen.add_argument("--labels", action="store_true", help="solve bands and compute DOS labels")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--kgrid", type=int, default=None, help="k-points per side of the Brillouin-zone grid")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_cmd_phc_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "seeds", 1) is not None and getattr(args, "seeds", 1) < 1:
+        parser.error("--seeds must be at least 1")
+    try:
+        return args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"essl: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("essl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected failure: one line, the traceback with --debug
+        if args.debug:
+            raise
+        from essl.module import TrainingDiverged
+
+        kind = "" if isinstance(err, TrainingDiverged) else f"{type(err).__name__}: "
+        print(f"essl: failed: {kind}{str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+              f" (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

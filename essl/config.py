@@ -1,0 +1,215 @@
+"""Structured configuration: dataclass schemas + ``load_config(path, overrides)``.
+
+This module and the composition root (:mod:`essl.pretrain`) are the only places that see config objects;
+every other function takes explicit arguments. Defaults live here, once; a YAML file holds only what differs.
+omegaconf's struct mode makes an unknown key or a wrong type an error; :func:`load_config` turns it into a
+:class:`~essl.errors.UserError` whose one line names the key.
+
+Reference recipe (CIFAR-10, ResNet-18, Dangovski et al., ICLR 2022): batch 512, SGD momentum 0.9, weight decay
+5e-4, lr 0.06·bsz/256 for E-SSL (0.03 for the baseline), 10 warm-up epochs + cosine, λ = 0.4, temperature 0.5,
+rotation view RandomResizedCrop(16, scale 0.2–1) with the same colour augmentations, 800 epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from essl.errors import UserError
+
+LR_REFERENCE_BATCH = 256  # lr is given per 256 images and scaled linearly by the global batch (Goyal et al.)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar100 | stl10 | folder
+    path: str | None = None  # folder holding the data (all but digits)
+    image_size: int = 32
+    batch_size: int = 256  # per device
+    num_workers: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """Invariant views (SimCLR's recipe); the crop size is ``data.image_size``."""
+
+    n_views: int = 2
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness contrast saturation hue
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    solarize_prob: float = 0.0
+
+
+@dataclass
+class EquivarianceConfig:
+    """The E-SSL branch. ``weight`` is λ; λ = 0 is the plain method (no branch, no extra forward pass)."""
+
+    weight: float = 0.0
+    group: str = "rot4"  # rot4 | flip4 | c4v | translate
+    mode: str = "all"  # all: every image in every element (paper) | random: one element per image
+    grid: int = 2  # translate: nt x nt periodic shifts
+    crop_size: int = 16
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hidden_dim: int = 2048
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18_cifar"  # resnet18_cifar | small_cnn
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"  # simclr | byol
+    hidden_dim: int | None = None  # None: the method's default (SimCLR 2048, BYOL 4096)
+    output_dim: int | None = None  # None: the method's default (SimCLR 128, BYOL 256)
+    temperature: float = 0.5  # SimCLR NT-Xent
+    momentum_base: float = 0.99  # BYOL EMA momentum, cosine-scheduled to 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.06  # per 256 images; see scale_lr
+    scale_lr: bool = True  # lr · global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 10.0
+    final_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 800
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    sync_batchnorm: bool = False
+    log_every_n_steps: int = 10
+    limit_train_batches: float = 1.0
+    checkpoint_every_n_steps: int = 0  # 0: a checkpoint at every epoch end only
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    knn_monitor: bool = False  # kNN accuracy on the test split after every epoch (val/knn_acc)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+
+
+@dataclass
+class Config:
+    name: str = ""  # default: the config file's stem
+    output_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder"),
+    "equivariance.group": ("rot4", "flip4", "c4v", "translate"),
+    "equivariance.mode": ("all", "random"),
+    "method.name": ("simclr", "byol"),
+    "optim.name": ("sgd", "lars", "adamw"),
+}
+POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid")
+PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale_prob", "augment.blur_prob",
+                 "augment.solarize_prob")
+
+
+def _error_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).strip().splitlines()[0]
+    return f"config key {key!r}: {msg}" if key else msg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping of keys at the top level")
+    return data
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise UserError(f"config key {key!r}: must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in PROBABILITIES:
+        if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
+            raise UserError(f"config key {key!r}: must be a probability in [0, 1]")
+    for key in ("augment.crop_scale", "equivariance.crop_scale"):
+        lo_hi = OmegaConf.select(cfg, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise UserError(f"config key {key!r}: expected [min, max] with 0 < min <= max <= 1, got {list(lo_hi)}")
+    if len(cfg.augment.jitter) != 4:
+        raise UserError("config key 'augment.jitter': expected 4 values (brightness, contrast, saturation, hue)")
+    if cfg.augment.n_views != 2:
+        raise UserError(f"config key 'augment.n_views': {cfg.method.name} uses 2 views, got {cfg.augment.n_views}")
+    if cfg.equivariance.weight < 0:
+        raise UserError("config key 'equivariance.weight': λ must be >= 0")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema defaults ← YAML file ← ``key=value`` overrides, in struct mode, validated.
+
+    Raises UserError naming the file or key for a missing file, malformed YAML, an unknown key, a wrong type
+    or a value out of range.
+    """
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.backbone.kwargs, False)  # free-form backbone arguments
+    file_data = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value")
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.create(file_data), OmegaConf.from_dotlist(list(overrides)))
+        if not cfg.name:
+            cfg.name = Path(path).stem if path is not None else "run"
+        if cfg.output_dir is None:
+            cfg.output_dir = str(Path("runs") / cfg.name)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise UserError(_error_line(err)) from None
+    _validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Plain, resolved dict (for the encoder file and ``config.yaml``)."""
+    return OmegaConf.to_container(cfg, resolve=True)

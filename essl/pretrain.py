@@ -1,0 +1,211 @@
+"""``essl pretrain``: the composition root that turns a config into explicit-argument objects and trains.
+
+Run directory (``output_dir``): ``config.yaml`` (resolved), ``metrics.csv`` (Lightning CSV logger),
+``last.ckpt`` (written atomically; ``resume=true`` continues from it) and ``encoder.pt`` (the frozen-encoder
+contract, :mod:`essl.encoder`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from essl.augment import ViewMaker, ViewSpec, build_view_pipeline
+from essl.backbones import build_backbone, check_input_size
+from essl.config import LR_REFERENCE_BATCH, to_container
+from essl.data import ImageDataModule, LabelledData, load_labelled
+from essl.encoder import atomic_torch_save, export_encoder
+from essl.equivariance import EquivarianceBranch
+from essl.errors import UserError
+from essl.methods import build_method
+from essl.module import ESSLModule, OptimSpec
+
+CHECKPOINT = "last.ckpt"
+ENCODER = "encoder.pt"
+log = logging.getLogger("essl")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename: a kill never leaves a torn ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+def _method_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.method
+    kw: dict[str, Any] = {}
+    if m.hidden_dim is not None:
+        kw["hidden_dim"] = m.hidden_dim
+    if m.output_dim is not None:
+        kw["output_dim"] = m.output_dim
+    if m.name == "simclr":
+        kw["temperature"] = m.temperature
+        kw["gather_distributed"] = True  # a no-op on one process; negatives from every rank under DDP
+    elif m.name == "byol":
+        kw["momentum_base"] = m.momentum_base
+    return kw
+
+
+def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tuple[ESSLModule, dict[str, Any]]:
+    """Backbone, method, views, equivariance branch and optimiser settings from the config."""
+    backbone, feature_dim = build_backbone(cfg.backbone.name, data.channels, **cfg.backbone.kwargs)
+    sizes = {cfg.data.image_size} | ({cfg.equivariance.crop_size} if cfg.equivariance.weight > 0 else set())
+    for size in sorted(sizes):
+        check_input_size(backbone, data.channels, size)
+    method = build_method(cfg.method.name, backbone, feature_dim, **_method_kwargs(cfg))
+    a = cfg.augment
+    colour = dict(
+        hflip_prob=a.hflip_prob,
+        jitter_prob=a.jitter_prob,
+        jitter=tuple(a.jitter),
+        grayscale_prob=a.grayscale_prob,
+        blur_prob=a.blur_prob,
+        solarize_prob=a.solarize_prob,
+    )
+    view = build_view_pipeline(
+        ViewSpec(size=cfg.data.image_size, scale=tuple(a.crop_scale), **colour), data.channels, data.mean, data.std
+    )
+    e = cfg.equivariance
+    branch, eq_view = None, None
+    if e.weight > 0:
+        branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid)
+        eq_view = build_view_pipeline(
+            ViewSpec(size=e.crop_size, scale=tuple(e.crop_scale), **colour), data.channels, data.mean, data.std
+        )
+    o = cfg.optim
+    lr = o.lr * global_batch / LR_REFERENCE_BATCH if o.scale_lr else o.lr
+    optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio)
+    module = ESSLModule(
+        backbone,
+        method,
+        ViewMaker(view, a.n_views, eq_view),
+        optim,
+        input_mean=data.mean,
+        input_std=data.std,
+        equivariance=branch,
+        knn_k=cfg.eval.knn_k,
+        knn_temperature=cfg.eval.knn_temperature,
+        num_classes=data.num_classes,
+        finite_check_every=cfg.trainer.log_every_n_steps,
+    )
+    info = {"feature_dim": feature_dim, "lr": lr}
+    return module, info
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    text = yaml.safe_dump(to_container(cfg), sort_keys=False)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def pretrain(cfg: DictConfig) -> Path:
+    """Train from a loaded config; returns the path of the exported ``encoder.pt``."""
+    run_dir = Path(cfg.output_dir)
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.exists() and not cfg.resume:
+        raise UserError(f"output_dir {run_dir} already holds a run ({CHECKPOINT}); pass resume=true to continue it "
+                        "or choose another output_dir")
+    data = load_labelled(cfg.data.name, cfg.data.image_size, cfg.data.path)
+    n_images = len(data.pretrain_images())
+    if cfg.data.batch_size > n_images:
+        raise UserError(f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the {n_images} training images")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    t = cfg.trainer
+    precision = t.precision
+    if precision.startswith("16") and not torch.cuda.is_available():
+        precision = "32-true"  # fp16 autocast needs a GPU; bf16 on CPU is slower than fp32 for these models
+        print(f"essl: no GPU, trainer.precision={t.precision} runs as {precision}", file=sys.stderr)
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=run_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=t.checkpoint_every_n_steps or None,
+            save_on_train_epoch_end=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps // 2)))
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no tips or GPU/TPU banners; warnings still show
+    trainer = L.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=precision,
+        sync_batchnorm=t.sync_batchnorm,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        deterministic=t.deterministic,
+        logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=None if cfg.eval.knn_monitor else 0,
+    )
+    global_batch = cfg.data.batch_size * trainer.world_size
+    module, info = build_module(cfg, data, global_batch)
+    dm = ImageDataModule(data, cfg.data.batch_size, cfg.data.num_workers, knn_monitor=cfg.eval.knn_monitor)
+
+    if trainer.is_global_zero:
+        _write_config(cfg, run_dir)
+    ckpt_path = None
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        print(f"essl: resuming {run_dir} from {ckpt} (epoch {state['epoch']}, step {state['global_step']})",
+              file=sys.stderr)
+        ckpt_path = str(ckpt)
+    elif cfg.resume:
+        print(f"essl: resume=true but {ckpt} does not exist; starting a new run", file=sys.stderr)
+    print(f"essl: {cfg.method.name} λ={cfg.equivariance.weight} on {data.name} ({n_images} images), "
+          f"{cfg.backbone.name} ({info['feature_dim']}-d), global batch {global_batch}, lr {info['lr']:.4g}, "
+          f"run dir {run_dir}", file=sys.stderr)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    module.check_finite()
+
+    encoder = run_dir / ENCODER
+    if trainer.is_global_zero:
+        export_encoder(
+            encoder,
+            module.backbone,
+            cfg.backbone.name,
+            dict(cfg.backbone.kwargs),
+            info["feature_dim"],
+            data.channels,
+            cfg.data.image_size,
+            data.mean,
+            data.std,
+            config=to_container(cfg),
+        )
+    return encoder
