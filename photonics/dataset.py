@@ -85,7 +85,10 @@ def _settings(kind, n, seed, size, cell_options, labels, label_kwargs) -> dict[s
     options.update(cell_options)
     label_settings = None
     if labels:
-        label_settings = _solver()[1](**label_kwargs)
+        try:
+            label_settings = _solver()[1](**label_kwargs)
+        except (TypeError, ValueError) as exc:  # an unknown or bad solver option
+            raise UserError(f"phc generate: bad solver settings {label_kwargs}: {exc}") from None
     elif label_kwargs:
         raise UserError(f"phc generate: solver option {sorted(label_kwargs)[0]!r} given without labels")
     return {
@@ -219,6 +222,17 @@ def _labels_for(
     return result
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"phc generate: --device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"phc generate: --device {device!r}: CUDA is not available on this machine")
+
+
 def generate(
     out: str | os.PathLike,
     kind: str,
@@ -271,6 +285,8 @@ def generate(
         if not labels:
             raise UserError("phc generate: --kgrid needs --labels (it is a solver setting)")
         label_kwargs["kgrid"] = int(kgrid)
+    if labels:
+        _check_device(device)
     settings = _settings(kind, n, seed, size, dict(cell_options or {}), labels, label_kwargs)
     chunk = int(chunk or (DEFAULT_CHUNK_LABELLED if labels else DEFAULT_CHUNK_UNLABELLED))
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+import time
 
 import h5py
 import numpy as np
@@ -19,46 +19,12 @@ from essl.photonics.unitcell import generate_cells
 import essl
 from essl.errors import UserError
 
-# Tiny solver settings: 25 plane waves (|G_i| <= 2), 4×4 k-grid: fast on CPU, still 10 bands.
-SOLVER = {"kgrid": 4, "cutoff": 2, "n_bands": 10}
+# The real solver (essl.photonics.dos.compute_labels) with tiny settings: 21 plane waves (|G| <= 2), a 4×4
+# k-grid, 10 bands, Gaussian-broadened DOS (the fastest method): a fraction of a second per structure on CPU.
+SOLVER = {"kgrid": 4, "cutoff": 2, "n_bands": 10, "method": "gaussian"}
+CHILD_SOLVE_DELAY = 0.3
+"""Seconds the killed child waits before each chunk's solve, so that the kill lands mid-chunk, not at the end."""
 DATASETS = ("eps", "eps_avg", "bands", "dos", "target")
-
-
-def _real_solver_available() -> bool:
-    try:
-        from essl.photonics import dos
-    except ImportError:
-        return False
-    return hasattr(dos, "compute_labels") and hasattr(dos, "label_settings")
-
-
-REAL = _real_solver_available()
-
-
-def fake_compute_labels(eps, *, kgrid=8, cutoff=3, n_bands=10, **_):
-    """Stand-in with the contract's shapes, used only until essl.photonics.dos exists."""
-    import time
-
-    import torch
-
-    time.sleep(0.2)  # a solver takes time: lets a kill land mid-chunk
-    n = len(eps)
-    eps_avg = eps.mean(dim=(1, 2))
-    k = torch.linspace(0.1, 1.0, kgrid * kgrid // 2 + 2)
-    bands = k[None, :, None] * torch.arange(1, n_bands + 1)[None, None] / eps_avg.sqrt()[:, None, None]
-    flat = eps.reshape(n, -1)
-    dos = flat[:, :DOS_POINTS] / eps_avg[:, None]
-    return {"bands": bands.float(), "dos": dos, "target": dos[:, :TARGET_POINTS] - 1.0, "eps_avg": eps_avg}
-
-
-def fake_label_settings(**kwargs):
-    return {"fake": True, **kwargs}
-
-
-@pytest.fixture(autouse=True)
-def solver(monkeypatch):
-    if not REAL:
-        monkeypatch.setattr(dataset, "_solver", lambda: (fake_compute_labels, fake_label_settings))
 
 
 def read_all(path):
@@ -105,6 +71,12 @@ def test_labelled_end_to_end_and_already_complete(tmp_path, capsys):
     assert stored == json.loads(json.dumps(dataset._solver()[1](**SOLVER)))
     assert ds.attrs["labels"] and ds.attrs["completed"] == 3
 
+    # The default DOS method (GGR) through the same path, on one structure.
+    ggr = generate(tmp_path / "ggr.h5", "cylinder", 1, labels=True, kgrid=4, cutoff=2, progress=False)
+    ds_ggr = open_dataset(ggr, require_labels=True)
+    assert json.loads(ds_ggr.attrs["label_settings"])["dos_method"] == "ggr"
+    assert (ds_ggr.dos >= 0).all() and ds_ggr.dos.sum() > 0
+
     before = (out.stat().st_mtime_ns, out.read_bytes())
     generate(out, "levelset", 3, labels=True, seed=2, chunk=2, progress=False, **SOLVER)
     assert "already complete" in capsys.readouterr().out
@@ -144,6 +116,10 @@ def test_bad_arguments_are_user_errors(tmp_path):
         generate(tmp_path / "x.h5", "blob", 0)
     with pytest.raises(UserError, match="--kgrid needs --labels"):
         generate(tmp_path / "x.h5", "blob", 2, kgrid=4)
+    with pytest.raises(UserError, match="bad solver settings.*method"):
+        generate(tmp_path / "x.h5", "blob", 2, labels=True, method="magic")
+    with pytest.raises(UserError, match="--device 'gpu'"):
+        generate(tmp_path / "x.h5", "blob", 2, labels=True, device="gpu")
     assert not list(tmp_path.iterdir())
 
 
@@ -156,12 +132,16 @@ def test_corrupt_partial_file_starts_over(tmp_path, capsys):
 
 CHILD = textwrap.dedent(
     """
-    import sys
+    import time
     import essl.photonics.dataset as dataset
-    if {fake!r}:
-        sys.path.insert(0, {tests!r})
-        import test_dataset as t
-        dataset._solver = lambda: (t.fake_compute_labels, t.fake_label_settings)
+
+    compute_labels, label_settings = dataset._solver()
+
+    def slow_compute_labels(eps, **kwargs):
+        time.sleep({delay!r})
+        return compute_labels(eps, **kwargs)
+
+    dataset._solver = lambda: (slow_compute_labels, label_settings)
 
     def committed(done):
         print("committed", done, flush=True)
@@ -172,27 +152,46 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_kill_and_resume_is_identical_to_an_uninterrupted_run(tmp_path):
-    n = 8
-    out = tmp_path / "killed.h5"
-    partial = tmp_path / "killed.h5.partial"
-    code = CHILD.format(fake=not REAL, tests=str(Path(__file__).parent), out=str(out), n=n, solver=SOLVER)
+def run_and_kill(code: str, delay: float) -> str:
+    """Run ``code`` in a fresh interpreter; SIGKILL it ``delay`` seconds after its first committed chunk.
+
+    Returns what the child printed up to then."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        line = child.stdout.readline()  # the first chunk is committed; the child goes on to the next
-        assert line.startswith("committed"), line
+        lines = []
+        while not (lines and lines[-1].startswith("committed")):
+            lines.append(child.stdout.readline())
+            assert lines[-1], f"the child ended before committing a chunk: {lines}"
+        time.sleep(delay)
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
         child.wait(timeout=60)
         child.stdout.close()
     assert child.returncode == -signal.SIGKILL
+    return "".join(lines)
+
+
+def test_kill_and_resume_is_identical_to_an_uninterrupted_run(tmp_path):
+    n = 8
+    out = tmp_path / "killed.h5"
+    partial = tmp_path / "killed.h5.partial"
+    code = CHILD.format(delay=CHILD_SOLVE_DELAY, out=str(out), n=n, solver=SOLVER)
+
+    # Killed right after the first commit, i.e. while solving the second chunk ...
+    run_and_kill(code, delay=0.0)
     assert not out.exists() and partial.exists()  # the final name only ever holds a complete file
     with h5py.File(partial, "r") as f:
-        done = int(f.attrs["completed"])
-    assert 2 <= done < n  # really interrupted mid-way
-
+        first = int(f.attrs["completed"])
+    assert 2 <= first < n  # really interrupted mid-way
+    # ... then resumed in a new process and killed again at a random moment (possibly while writing) ...
+    delay = float(np.random.default_rng().uniform(0.0, CHILD_SOLVE_DELAY))
+    assert "resuming at structure" in run_and_kill(code, delay)
+    assert not out.exists() and partial.exists()
+    with h5py.File(partial, "r") as f:
+        assert first < int(f.attrs["completed"]) < n
+    # ... and finished by running the same command once more.
     generate(out, "levelset", n, labels=True, seed=7, chunk=2, progress=False, **SOLVER)
     assert out.exists() and not partial.exists()
     resumed = open_dataset(out, require_labels=True)
@@ -204,7 +203,7 @@ def test_kill_and_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     assert sorted(got) == sorted(DATASETS) == sorted(expected)
     for key in DATASETS:
         assert got[key].tobytes() == expected[key].tobytes(), key  # bit for bit
-    assert {k: v for k, v in got_attrs.items()} == {k: v for k, v in expected_attrs.items()}
+    assert got_attrs == expected_attrs
     assert len(resumed) == n
 
 
