@@ -76,13 +76,25 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _settings(kind, n, seed, size, cell_options, labels, label_kwargs) -> dict[str, Any]:
+def _settings(
+    kind: str,
+    n: int,
+    seed: int,
+    size: int,
+    cell_options: dict[str, Any],
+    labels: bool,
+    label_kwargs: dict[str, Any],
+) -> dict[str, Any]:
     """The settings stored as attributes and compared on resume (JSON-able, canonical)."""
     options = dict(generator_options(kind))
     unknown = sorted(set(cell_options) - set(options))
     if unknown:
         raise UserError(f"phc generate: unknown {kind} option {unknown[0]!r} (known: {', '.join(options)})")
     options.update(cell_options)
+    try:
+        options_json = _json(options)
+    except TypeError as exc:
+        raise UserError(f"phc generate: cell options {cell_options} are not plain values ({exc})") from None
     label_settings = None
     if labels:
         try:
@@ -96,7 +108,7 @@ def _settings(kind, n, seed, size, cell_options, labels, label_kwargs) -> dict[s
         "n": int(n),
         "seed": int(seed),
         "size": int(size),
-        "cell_options": _json(options),
+        "cell_options": options_json,
         "labels": bool(labels),
         "label_settings": _json(label_settings),
     }
@@ -288,6 +300,8 @@ def generate(
     if labels:
         _check_device(device)
     settings = _settings(kind, n, seed, size, dict(cell_options or {}), labels, label_kwargs)
+    options = json.loads(settings["cell_options"])
+    generate_cells(kind, 0, seed, size, **options)  # validates size and option values before any file exists
     chunk = int(chunk or (DEFAULT_CHUNK_LABELLED if labels else DEFAULT_CHUNK_UNLABELLED))
 
     if out.exists():
@@ -318,7 +332,6 @@ def generate(
 
     from tqdm import tqdm
 
-    options = json.loads(settings["cell_options"])
     start_time = time.perf_counter()
     done_before = completed
     with tqdm(

@@ -76,6 +76,7 @@ def test_n_labels_subset(labelled):
         PhCDataModule(labelled, 2, with_target=True, val_fraction=0.2, n_labels=100)
 
 
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")  # val_fraction=0: no val
 def test_trainer_runs_one_step(labelled):
     class Tiny(L.LightningModule):
         def __init__(self):

@@ -114,6 +114,10 @@ def test_bad_arguments_are_user_errors(tmp_path):
         generate(tmp_path / "x.h5", "hexagon", 2)
     with pytest.raises(UserError, match="n=0"):
         generate(tmp_path / "x.h5", "blob", 0)
+    with pytest.raises(UserError, match="symmetry='p6m'"):
+        generate(tmp_path / "x.h5", "levelset", 2, cell_options={"symmetry": "p6m"})
+    with pytest.raises(UserError, match="size=1"):
+        generate(tmp_path / "x.h5", "blob", 2, size=1)
     with pytest.raises(UserError, match="--kgrid needs --labels"):
         generate(tmp_path / "x.h5", "blob", 2, kgrid=4)
     with pytest.raises(UserError, match="bad solver settings.*method"):
@@ -260,3 +264,19 @@ def test_reader_file_errors(tmp_path):
         open_dataset(path)
     ok = open_dataset(make_file(tmp_path / "ok.h5", labels=False))
     assert len(ok) == 4 and ok.bands is None
+
+
+def test_datamodule_reads_a_generated_file(tmp_path):
+    import torch
+
+    from essl.data.phc import EPS_MIN, EPS_SPAN, PhCDataModule
+
+    out = generate(tmp_path / "dm.h5", "blob", 4, labels=True, seed=1, progress=False, **SOLVER)
+    ds = open_dataset(out, require_labels=True)
+    dm = PhCDataModule(out, 2, with_target=True, seed=0)
+    xs, ys = zip(*dm.train_dataloader(), strict=True)
+    x, y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
+    assert x.shape == (4, 1, 32, 32) and y.shape == (4, TARGET_POINTS)
+    for xi, yi in zip(x, y, strict=True):
+        (row,) = [r for r in range(4) if np.array_equal(ds.target[r], yi)]
+        np.testing.assert_allclose(xi[0], (ds.eps[row] - EPS_MIN) / EPS_SPAN, rtol=1e-6)
