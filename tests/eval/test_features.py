@@ -66,3 +66,20 @@ def test_flatten_gives_raw_pixels_in_unit_range():
 def test_bad_input(x, encoder, match):
     with pytest.raises(ValueError, match=match):
         extract_features(encoder, x, progress=False)
+
+
+def test_loaded_encoder_file_equals_direct_call(tmp_path):
+    encoder_mod = pytest.importorskip("essl.encoder")
+    from essl.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("small_cnn", 3, width=4)
+    path = encoder_mod.export_encoder(tmp_path / "encoder.pt", backbone, "small_cnn", {"width": 4}, dim, 3, 8,
+                                      (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    encoder = encoder_mod.load_encoder(path)
+    x = images(10)
+    with torch.no_grad():
+        expected = encoder(x.float() / 255)
+    feats = extract_features(encoder, x, batch_size=3, device="cpu", progress=False)
+    assert feats.shape == (10, encoder.feature_dim)
+    torch.testing.assert_close(feats, expected)
