@@ -30,7 +30,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ WEIGHT_DECAY_GRID: tuple[float, ...] = (1e0, 1e-1, 1e-2, 1e-3, 1e-4)
 #: Share of the training set held out to choose the penalty.
 VAL_FRACTION = 0.1
 #: L-BFGS iterations per fit (full batch). Strong penalties converge well before; weak penalties on separable
-#: features stop here (measured on digits: more iterations change test accuracy by < 0.5 points).
+#: features stop here. Measured on digits (5 seeds, mean test accuracy): raw pixels 96.44 at 100 and at 300
+#: iterations (96.61 at 50), a 128-d random CNN 93.67 at 100 vs 93.72 at 300.
 MAX_ITER = 100
 #: L-BFGS curvature pairs kept (torch's default is 100; 10 is the usual choice and uses less memory).
 LBFGS_HISTORY = 10
@@ -59,6 +61,10 @@ LBFGS_HISTORY = 10
 TOLERANCE_CHANGE = 1e-9
 #: A feature whose train standard deviation is below this is only centred, not scaled (e.g. blank borders).
 MIN_STD = 1e-6
+#: CPU fits on fewer feature entries (N·D) than this run on one thread: L-BFGS on small matrices is a stream of
+#: tiny operations, and MKL/OpenMP threads spinning on them was measured 10-100x slower on a loaded 2-core box
+#: (1437x128 digits features: 0.8 s single-threaded vs 25 s with 2 threads, CPU time).
+SINGLE_THREAD_MAX_ELEMENTS = 2**22
 #: Number of seeds when none is given (the paper's mean ± std over 5 seeds).
 DEFAULT_SEEDS = 5
 #: Seed of the randomly initialised encoder baseline.
@@ -77,9 +83,23 @@ def _standardiser(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(std < MIN_STD, torch.ones_like(std), std)
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads (a process-wide torch setting), then restore it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int,
                   init: nn.Linear | None = None) -> nn.Linear:
-    """Minimise mean cross-entropy + 0.5·wd·||W||² over a linear layer with full-batch L-BFGS."""
+    """Minimise mean cross-entropy + 0.5·wd·||W||² over a linear layer with full-batch L-BFGS.
+
+    Small CPU problems (below :data:`SINGLE_THREAD_MAX_ELEMENTS`) run on one thread for the duration of the fit.
+    """
     linear = nn.Linear(x.shape[1], num_classes, device=x.device)
     with torch.no_grad():
         if init is None:
@@ -96,7 +116,8 @@ def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, m
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    small = x.device.type == "cpu" and x.numel() < SINGLE_THREAD_MAX_ELEMENTS
+    with torch.enable_grad(), _threads(1 if small else torch.get_num_threads()):
         optimizer.step(closure)
     return linear
 

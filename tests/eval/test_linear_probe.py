@@ -25,8 +25,10 @@ def blobs(n_train: int, n_test: int, dim: int, spread: float, seed: int = 0):
 def test_separable_set_is_learned():
     x, y, xt, yt = blobs(400, 200, 20, spread=0.5)
     x[:, 0] = 7.0  # a constant training feature (like a blank border pixel) is only centred, never divided by 0
+    threads = torch.get_num_threads()
     acc = train_linear_probe(x, y, xt, yt, NUM_CLASSES, seed=0, device="cpu")
     assert acc >= 0.99
+    assert torch.get_num_threads() == threads, "the small-problem single-thread setting is restored"
 
 
 def test_random_labels_give_chance():
