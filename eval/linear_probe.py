@@ -6,7 +6,7 @@ Protocol (what ``essl probe`` reports):
   over the train and test images (:func:`essl.eval.features.extract_features`). This differs from the
   reference protocol of Dangovski et al., "Equivariant Contrastive Learning" (ICLR 2022), which trains the
   linear layer for 100 epochs with SGD (lr 30, cosine, batch 256) on random crop + flip views; ours is
-  cheaper and deterministic, and usually a little lower in absolute terms, so compare methods with the same
+  cheaper and deterministic, and its absolute numbers are not the paper's: compare methods under the same
   probe only.
 * **Linear probe.** Multinomial logistic regression on features standardised with train statistics,
   L2 penalty on the weights (not the bias), fitted full-batch with L-BFGS for at most ``MAX_ITER``
@@ -241,12 +241,16 @@ def _evaluate(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_y: 
     return {"linear": _summary(linear), "knn": _summary([knn])}
 
 
-def _data_name_from_config(spec: dict[str, Any]) -> str:
-    """The dataset the encoder was pretrained on (``config.data.name``), else :data:`DEFAULT_DATA`."""
+def _data_from_config(spec: dict[str, Any]) -> tuple[str, str | None]:
+    """(``config.data.name``, ``config.data.path``) the encoder was pretrained on; (:data:`DEFAULT_DATA`, None)
+    when its config does not say."""
     config = spec.get("config") if isinstance(spec, dict) else None
     data = config.get("data") if isinstance(config, dict) else None
-    name = data.get("name") if isinstance(data, dict) else None
-    return name if isinstance(name, str) and name else DEFAULT_DATA
+    data = data if isinstance(data, dict) else {}
+    name, path = data.get("name"), data.get("path")
+    if not isinstance(name, str) or not name:
+        return DEFAULT_DATA, None
+    return name, path if isinstance(path, str) and path else None
 
 
 def _write_json_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
@@ -309,7 +313,8 @@ def run_probe(
     Args:
         encoder_path: an ``encoder.pt`` written by ``essl pretrain``.
         data: dataset name or path for ``essl.data.load_labelled``; default the encoder's pretraining
-            dataset (``config.data.name``), else ``digits``. Images are loaded at the encoder's input size.
+            dataset (``config.data.name`` and ``config.data.path``), else ``digits``. A name equal to the
+            pretraining dataset's is read from ``config.data.path``. Images are loaded at the encoder's size.
         seeds: linear-probe seeds (0 .. seeds − 1).
         device: where features are extracted and classifiers fitted; default CUDA when available, else CPU.
         json_path: where to write the result.
@@ -332,8 +337,12 @@ def run_probe(
     device = _user_device(device)
 
     encoder = essl.load_encoder(encoder_path)
-    name = data if data is not None else _data_name_from_config(encoder.spec)
-    labelled = load_labelled(name, image_size=int(encoder.input["size"]))
+    config_name, config_path = _data_from_config(encoder.spec)
+    if data is None:  # the pretraining data, from its folder
+        name, path = config_name, config_path
+    else:  # a name (its folder from the config when it is the pretraining dataset) or a path
+        name, path = data, config_path if data == config_name else None
+    labelled = load_labelled(name, image_size=int(encoder.input["size"]), path=path)
     channels = int(encoder.input["channels"])
     if labelled.x_train.shape[1] != channels:
         raise UserError(f"{labelled.name} has {labelled.x_train.shape[1]} channel(s) but the encoder "

@@ -105,6 +105,7 @@ def tiny_encoder_file(tmp_path, channels: int = 1, config: dict | None = None):
     kwargs = {"width": 4}
     backbone, dim = build_backbone("small_cnn", channels, **kwargs)
     path = tmp_path / "encoder.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     encoder.export_encoder(path, backbone, "small_cnn", kwargs, dim, channels, 8, (0.5,) * channels,
                            (0.25,) * channels, config={"data": {"name": "digits"}} if config is None else config)
     return path
@@ -143,21 +144,28 @@ def test_run_probe_end_to_end(tmp_path):
     assert f"{100 * result['baselines']['raw_pixels']['knn']['mean']:.2f}" in lines[-1]
 
 
-def test_run_probe_data_falls_back_to_digits_and_checks_channels(tmp_path, monkeypatch):
-    path = tiny_encoder_file(tmp_path, config={})
+def test_run_probe_chooses_data_from_argument_or_config(tmp_path, monkeypatch):
     seen = []
-    real = lp.load_labelled
 
-    def spy(name, image_size=None):
-        seen.append((name, image_size))
-        return real(name, image_size=image_size)
+    def spy(name, image_size=None, path=None):
+        seen.append((name, image_size, path))
+        return lp.essl.data.load_labelled("digits", image_size=image_size)
 
     monkeypatch.setattr(lp, "load_labelled", spy)
     monkeypatch.setattr(lp, "_evaluate", lambda *a, **k: {"linear": {}, "knn": {}})
-    run_probe(path, seeds=1, device="cpu", progress=False)
-    assert seen == [("digits", 8)]
+    no_config = tiny_encoder_file(tmp_path / "a", config={})
+    cifar = tiny_encoder_file(tmp_path / "b", config={"data": {"name": "cifar10", "path": "/data/c10"}})
+    run_probe(no_config, seeds=1, device="cpu", progress=False)
+    run_probe(cifar, seeds=1, device="cpu", progress=False)
+    run_probe(cifar, data="cifar10", seeds=1, device="cpu", progress=False)
+    run_probe(cifar, data="/elsewhere", seeds=1, device="cpu", progress=False)
+    assert seen == [("digits", 8, None), ("cifar10", 8, "/data/c10"), ("cifar10", 8, "/data/c10"),
+                    ("/elsewhere", 8, None)]
 
-    rgb = tiny_encoder_file(tmp_path, channels=3)
+
+def test_run_probe_checks_channels(tmp_path):
+
+    rgb = tiny_encoder_file(tmp_path, channels=3)  # digits are grey
     with pytest.raises(UserError, match="channel"):
         run_probe(rgb, seeds=1, device="cpu", progress=False)
 
