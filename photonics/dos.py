@@ -1,0 +1,344 @@
+"""Density of states (DOS) of 2D photonic crystals from bands on a full-Brillouin-zone k-grid; benchmark labels.
+
+Normalisation. With k in units of 2π/a the first Brillouin zone [-½, ½]² has area 1, and
+
+    DOS(ω) = Σ_n ∫_BZ δ(ω − ω_n(k)) d²k
+
+counts states per unit cell area (a = 1) per unit reduced frequency ω = ωa/2πc, so ∫ DOS dω = number of bands
+(the sum rule; tests check it). For a homogeneous medium of ε = 1 the number of states below ω is the area of
+the disc |k| ≤ ω, N(ω) = πω², hence DOS = 2πω: the empty-lattice line of the benchmark, per polarisation.
+
+Label convention (Loh et al., Nat. Commun. 13, 4223 (2022); Dangovski et al., ICLR 2022; DESIGN.md). Frequencies
+are rescaled by √ε_avg (ε_avg = mean of the pixel map): ω' = ω √ε_avg, so that a homogeneous cell of any ε has
+the bands of the ε = 1 empty lattice. The DOS is evaluated in ω' on ``N_FREQ`` = 500 points in [0, 1.2]; as a
+density in ω' it is DOS_ω(ω'/√ε_avg) / √ε_avg — the "divided by √ε_avg" of the convention is the Jacobian and is
+built in. The first ``N_TARGET`` = 400 points are kept and the regression target is DOS − 2πω', which is ≈ 0
+for the empty lattice (exactly, up to quadrature, while the ``n_bands`` computed bands cover the window; with
+10 bands the empty lattice is complete up to ω' = √(10/π)·... ≈ 1.8 > 0.96, the last target frequency).
+
+Methods.
+
+* ``"gaussian"``: every (band, k-point) contributes a Gaussian of width ``sigma`` at ω_n(k). Coarse grids need
+  a large ``sigma`` (DESIGN.md: 25% relative-L1 difference between 16² and 32² grids at σ = 0.006).
+* ``"ggr"`` (default): the generalised Gilat–Raubenheimer method (Gilat & Raubenheimer, Phys. Rev. 144, 390
+  (1966); Liu, Johnson et al., "Generalized Gilat–Raubenheimer method for density-of-states calculation in
+  photonic crystals", J. Opt. 20, 044005 (2018)). Inside the square k-cell of side Δ = 1/n around every grid
+  point the band is extrapolated linearly with its group velocity v, ω(k_c + δ) ≈ ω_c + v·δ. In 2D the
+  contribution of one cell is then analytic: v·δ with δ uniform in the square is the sum of two independent
+  uniform variables of widths |v_x|Δ and |v_y|Δ, whose density is a trapezoid (the length of the iso-frequency
+  segment inside the cell divided by |v|, the 2D form of Gilat–Raubenheimer). We integrate that trapezoid
+  exactly over each frequency bin [ω_j − h/2, ω_j + h/2] (h = grid spacing), via its closed-form CDF, so that
+  stationary cells (v = 0) give a finite bin value and the sum rule holds to rounding.
+  Group velocities come from the eigenvectors (Hellmann–Feynman; :func:`essl.photonics.pwe.solve_bands`).
+
+Determinism. :func:`compute_labels` gives bit-identical results for a structure whatever else is in its batch
+(on CPU): the solver lays out every structure's eigenproblems identically, and the DOS is reduced structure by
+structure with identically shaped operations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from essl.photonics import pwe
+
+N_FREQ = 500
+"""Points of the label frequency grid."""
+FREQ_MAX = 1.2
+"""Upper end of the label frequency grid, in rescaled units ω√ε_avg·a/2πc."""
+N_TARGET = 400
+"""The first N_TARGET grid points form the regression target."""
+METRIC_START = 100
+"""The relative-L1 error is scored over target points METRIC_START .. N_TARGET−1."""
+
+DEFAULT_KGRID = 16
+"""Default k-grid: 16×16 cell centres over the full zone, 128 k-points after time-reversal halving (dos.py
+module docstring of the report: within 2% relative L1 of a 32×32 grid with GGR)."""
+DEFAULT_METHOD = "ggr"
+DEFAULT_SIGMA = {"ggr": 0.006, "gaussian": 0.02}
+"""Default width (rescaled frequency units) of the Gaussian that smooths the GGR DOS, or of the Gaussian
+broadening (method="gaussian"); each the smallest that keeps the default k-grid within 2% relative L1 of a grid
+twice as fine (measurements in the report of this module's tests)."""
+SMOOTH_TRUNCATE = 6.0
+"""Gaussian kernels are truncated at this many standard deviations."""
+METHODS = ("ggr", "gaussian")
+
+_MIN_WIDTH = 1e-9
+"""Trapezoid widths below this (frequency units) are raised to it: a cell with v = 0 becomes a box narrower than
+1e-6 of a frequency bin instead of a 0/0."""
+_MIN_WIDTH_RATIO = 1e-8
+"""The shorter trapezoid side is at least this fraction of the longer, bounding the cancellation error of the
+closed-form CDF by ~1e-8 relative."""
+
+
+def frequency_grid(dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """The label frequency grid, (N_FREQ,) = linspace(0, FREQ_MAX, N_FREQ) in rescaled units ω√ε_avg."""
+    return torch.linspace(0.0, FREQ_MAX, N_FREQ, dtype=dtype, device=device)
+
+
+def empty_lattice_dos(omega: torch.Tensor) -> torch.Tensor:
+    """DOS of the ε = 1 empty lattice per unit cell area and unit reduced frequency, 2πω (module docstring)."""
+    return 2 * math.pi * omega
+
+
+# ----------------------------------------------------------------------------------------------- DOS
+
+
+def _check_bands(freqs: torch.Tensor, weights: torch.Tensor) -> None:
+    if freqs.ndim != 3:
+        raise ValueError(f"freqs must have shape (B, K, n_bands), got {tuple(freqs.shape)}")
+    if weights.shape != (freqs.shape[1],):
+        raise ValueError(f"weights must have shape ({freqs.shape[1]},), got {tuple(weights.shape)}")
+
+
+def _trapezoid_cdf(s: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """CDF at s of the sum of two independent centred uniform variables of widths p ≥ q > 0 (broadcasting).
+
+    Its density is the box convolution (1/pq)[r(s+A) − r(s+B) − r(s−B) + r(s−A)], r(t) = max(t, 0), with
+    A = (p+q)/2, B = (p−q)/2; integrating once more gives the same combination of R(t) = max(t, 0)²/2. s is
+    clamped to [−A, A] first so that the terms stay O(p²) (relative rounding error ~ eps·p/q).
+    """
+    a, b = (p + q) / 2, (p - q) / 2
+    t = torch.minimum(torch.maximum(s, -a), a)
+
+    def r2(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_min(0) ** 2 / 2
+
+    return (r2(t + a) - r2(t + b) - r2(t - b) + r2(t - a)) / (p * q)
+
+
+def _gaussian_kernel(sigma: float, h: float) -> tuple[torch.Tensor, int]:
+    """Sampled Gaussian of width sigma on a grid of spacing h, normalised to sum 1 (preserves Σ DOS·h), and its
+    half-width in points (SMOOTH_TRUNCATE standard deviations)."""
+    half = int(math.ceil(SMOOTH_TRUNCATE * sigma / h))
+    x = torch.arange(-half, half + 1, dtype=torch.float64) * h
+    ker = torch.exp(-0.5 * (x / sigma) ** 2)
+    return ker / ker.sum(), half
+
+
+def dos_ggr(
+    freqs: torch.Tensor,
+    vgroup: torch.Tensor,
+    weights: torch.Tensor,
+    omega: torch.Tensor,
+    cell: float,
+    sigma: float = 0.0,
+) -> torch.Tensor:
+    """Generalised Gilat–Raubenheimer DOS (2D, analytic per cell; module docstring), bin-averaged on omega.
+
+    Args:
+        freqs: (B, K, nb) band frequencies at the k-grid points.
+        vgroup: (B, K, nb, 2) group velocities ∂ω/∂k (k in units of 2π/a).
+        weights: (K,) fraction of the zone represented by each k-point (sums to 1 over the zone).
+        omega: (W,) uniform frequency grid.
+        cell: side Δ of the square k-cell around each grid point (1/n for an n×n grid).
+        sigma: if > 0, the GGR DOS is then convolved with a Gaussian of this width (computed on a grid extended
+            by SMOOTH_TRUNCATE·sigma on both sides first, so that no weight is lost or invented at the edges).
+
+    Returns:
+        (B, W) DOS in states per unit cell per unit frequency, float64. Structures are reduced one at a time
+        (batch-independent, bit for bit).
+    """
+    _check_bands(freqs, weights)
+    om = omega.to(torch.float64)
+    n_out = om.numel()
+    if sigma > 0:
+        step = (om[1] - om[0]).item()
+        ker, half = _gaussian_kernel(sigma, step)
+        ker = ker.to(om.device)
+        om = torch.cat(
+            [
+                om[0] - step * torch.arange(half, 0, -1, dtype=torch.float64, device=om.device),
+                om,
+                om[-1] + step * torch.arange(1, half + 1, dtype=torch.float64, device=om.device),
+            ]
+        )
+        # (n_out + 2·half, n_out) banded matrix: column j holds the kernel centred on extended point j + half
+        smooth = torch.zeros(n_out + 2 * half, n_out, dtype=torch.float64, device=om.device)
+        idx = torch.arange(n_out, device=om.device)
+        for t in range(2 * half + 1):
+            smooth[idx + t, idx] = ker[t]
+    n_bins = om.numel()
+    h = (om[1] - om[0]).item() if n_bins > 1 else 1.0
+    first_edge = om[0].item() - h / 2  # bin j covers [first_edge + j·h, first_edge + (j+1)·h)
+    w = weights.to(torch.float64)
+    out = []
+    for f_b, v_b in zip(freqs.to(torch.float64), vgroup.to(torch.float64), strict=True):  # (K, nb), (K, nb, 2)
+        widths = v_b.abs() * cell  # (K, nb, 2)
+        p = widths.max(dim=-1).values.clamp_min(_MIN_WIDTH)  # (K, nb)
+        q = torch.maximum(widths.min(dim=-1).values, p * _MIN_WIDTH_RATIO).clamp_min(_MIN_WIDTH)
+        fc, p, q = f_b.reshape(-1, 1), p.reshape(-1, 1), q.reshape(-1, 1)  # (C, 1), C = K·nb trapezoids
+        # every trapezoid covers [fc − (p+q)/2, fc + (p+q)/2]: evaluate its CDF only at the span+2 edges of a
+        # window of bins starting just below its support, and add the bin masses into place
+        span = int(math.ceil((p + q).max().item() / h)) + 2
+        start = torch.floor((fc - (p + q) / 2 - first_edge) / h).long().clamp(0, n_bins)  # (C, 1)
+        offs = torch.arange(span + 1, device=om.device)  # (span+1,)
+        edges = first_edge + (start + offs) * h  # (C, span+1)
+        cdf = _trapezoid_cdf(edges - fc, p, q)  # (C, span+1)
+        wk = w[:, None].expand(f_b.shape).reshape(-1, 1)  # (C, 1)
+        mass = wk * (cdf[:, 1:] - cdf[:, :-1])  # (C, span)
+        d = torch.zeros(n_bins + span, dtype=torch.float64, device=om.device)
+        d.index_add_(0, (start + offs[:-1]).reshape(-1), mass.reshape(-1))  # sequential on CPU: deterministic
+        d = d[:n_bins] / h  # (W_ext,)
+        out.append(d @ smooth if sigma > 0 else d)  # (W,)
+    return torch.stack(out) if out else torch.zeros(0, n_out, dtype=torch.float64)
+
+
+def dos_gaussian(
+    freqs: torch.Tensor, weights: torch.Tensor, omega: torch.Tensor, sigma: float = DEFAULT_SIGMA["gaussian"]
+) -> torch.Tensor:
+    """Gaussian-broadened DOS: Σ_{n,k} w_k N(ω; ω_n(k), σ²), (B, W) float64 (structure by structure)."""
+    _check_bands(freqs, weights)
+    om = omega.to(torch.float64)
+    w = weights.to(torch.float64)
+    norm = 1 / (sigma * math.sqrt(2 * math.pi))
+    out = []
+    for f_b in freqs.to(torch.float64):  # (K, nb)
+        z = (om[None, :] - f_b.reshape(-1, 1)) / sigma  # (K·nb, W)
+        wk = w[:, None].expand(f_b.shape).reshape(-1, 1)
+        out.append((wk * torch.exp(-0.5 * z**2)).sum(0) * norm)
+    return torch.stack(out) if out else torch.zeros(0, omega.numel(), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def _check_method(method: str) -> str:
+    method = method.lower()
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    return method
+
+
+def label_settings(
+    *,
+    kgrid: int = DEFAULT_KGRID,
+    n_bands: int = 10,
+    cutoff: int = pwe.DEFAULT_CUTOFF,
+    polarization: str = "tm",
+    method: str = DEFAULT_METHOD,
+    sigma: float | None = None,
+    memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
+    dtype: torch.dtype = pwe.DEFAULT_DTYPE,
+    num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
+) -> dict:
+    """Plain JSON-able solver + DOS settings of :func:`compute_labels` (stored as HDF5 attributes, compared on
+    resume). ``memory_budget`` and ``num_threads`` only change speed, not results, and are not included."""
+    del memory_budget, num_threads
+    method = _check_method(method)
+    sigma = DEFAULT_SIGMA[method] if sigma is None else float(sigma)
+    settings = {
+        "solver": "essl.photonics.pwe plane-wave expansion (inverse rule)",
+        "polarization": polarization.lower(),
+        "n_bands": int(n_bands),
+        "cutoff": int(cutoff),
+        "cutoff_shape": pwe.DEFAULT_CUTOFF_SHAPE,
+        "n_plane_waves": pwe.n_plane_waves(cutoff, pwe.DEFAULT_CUTOFF_SHAPE),
+        "fourier": "pixel",
+        "eig_dtype": str(dtype).replace("torch.", ""),
+        "kgrid": int(kgrid),
+        "time_reversal": True,
+        "dos_method": method,
+        "freq_rescale": "sqrt(eps_avg)",
+        "n_freq": N_FREQ,
+        "freq_max": FREQ_MAX,
+        "n_target": N_TARGET,
+        "target": "dos - 2*pi*omega",
+    }
+    settings["sigma"] = sigma
+    return settings
+
+
+def compute_labels(
+    eps: torch.Tensor,
+    *,
+    kgrid: int = DEFAULT_KGRID,
+    n_bands: int = 10,
+    cutoff: int = pwe.DEFAULT_CUTOFF,
+    polarization: str = "tm",
+    method: str = DEFAULT_METHOD,
+    sigma: float | None = None,
+    memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
+    dtype: torch.dtype = pwe.DEFAULT_DTYPE,
+    num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
+) -> dict[str, torch.Tensor]:
+    """Bands, DOS and regression target of a batch of unit cells: THE labelling entry point of the datasets.
+
+    Solves the bands on a ``kgrid``×``kgrid`` grid of cell centres of the Brillouin zone, halved by time reversal
+    (:func:`essl.photonics.pwe.kgrid`), computes the DOS in rescaled frequency on :func:`frequency_grid` with
+    ``method`` ("ggr" smoothed by a Gaussian of width ``sigma``, or "gaussian" broadening of width ``sigma``;
+    None = DEFAULT_SIGMA[method]), and the target DOS − 2πω on its first N_TARGET points
+    (module docstring). Runs on the device of ``eps``; returns CPU tensors.
+
+    Args:
+        eps: (N, n, n) permittivity maps (ε > 0), any real dtype; numpy arrays are accepted.
+
+    Returns:
+        dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = kgrid²/2 k-points of
+        the half grid; "dos" (N, N_FREQ) float32; "target" (N, N_TARGET) float32; "eps_avg" (N,) float32.
+    """
+    method = _check_method(method)
+    sigma = DEFAULT_SIGMA[method] if sigma is None else float(sigma)
+    eps = torch.as_tensor(eps)
+    if eps.ndim != 3:
+        raise ValueError(f"eps must have shape (N, n, n), got {tuple(eps.shape)}")
+    with pwe.cpu_threads(num_threads if eps.device.type == "cpu" else None):
+        kpts, weights = pwe.kgrid(kgrid)  # (K, 2), (K,)
+        kpts = kpts.to(eps.device)
+        eps_avg = eps.to(torch.float64).mean(dim=(-1, -2))  # (N,)
+        scale = eps_avg.sqrt()[:, None, None]  # (N, 1, 1)
+        omega = frequency_grid(device=eps.device)
+        weights = weights.to(eps.device)
+        if method == "ggr":
+            f, v = pwe.solve_bands(
+                eps,
+                kpts,
+                n_bands,
+                polarization,
+                cutoff,
+                group_velocity=True,
+                memory_budget=memory_budget,
+                dtype=dtype,
+                num_threads=num_threads,
+            )
+            dos = dos_ggr(f * scale, v * scale[..., None], weights, omega, cell=1.0 / kgrid, sigma=sigma)
+        else:
+            f = pwe.solve_bands(
+                eps,
+                kpts,
+                n_bands,
+                polarization,
+                cutoff,
+                memory_budget=memory_budget,
+                dtype=dtype,
+                num_threads=num_threads,
+            )
+            dos = dos_gaussian(f * scale, weights, omega, sigma)
+    target = dos[:, :N_TARGET] - empty_lattice_dos(omega[:N_TARGET])
+    return {
+        "bands": f.float().cpu(),
+        "dos": dos.float().cpu(),
+        "target": target.float().cpu(),
+        "eps_avg": eps_avg.float().cpu(),
+    }
+
+
+def relative_l1(
+    pred: torch.Tensor, true: torch.Tensor, start: int = METRIC_START, stop: int = N_TARGET
+) -> torch.Tensor:
+    """Relative L1 error of the benchmark: mean over samples of Σ|ŷ − y| / Σ|y| over points start..stop−1.
+
+    ``pred`` and ``true`` are *targets* (N, N_TARGET) (DOS − 2πω); the empty-lattice line is added back to both
+    before scoring, so the denominator is the full DOS (Loh et al. 2022). Returns a scalar tensor (float64).
+    """
+    if pred.shape != true.shape or pred.ndim != 2:
+        raise ValueError(
+            f"pred and true must both have shape (N, {N_TARGET}); got {tuple(pred.shape)}, {tuple(true.shape)}"
+        )
+    omega = frequency_grid(device=pred.device)[: pred.shape[1]]
+    line = empty_lattice_dos(omega)
+    p = pred.to(torch.float64) + line
+    t = true.to(torch.float64) + line
+    err = (p - t)[:, start:stop].abs().sum(1) / t[:, start:stop].abs().sum(1)
+    return err.mean()
