@@ -1,0 +1,234 @@
+"""Tests of the plane-wave band solver against independent references (CPU).
+
+References: the analytic empty lattice; the square lattice of dielectric rods of Joannopoulos et al., "Photonic
+Crystals" (2nd ed.), ch. 5 (ε = 8.9, r = 0.2a: TM gap 0.322–0.443, gap/midgap 31%); legume-gme's PlaneWaveExp
+(an independent implementation, analytic shape Fourier transforms); finite differences for group velocities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from essl.photonics import pwe
+
+C128 = torch.complex128
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small eigenproblems: avoid oversubscribed OpenMP / BLAS threads (torch and numpy, for legume) on a shared
+    # 2-core machine, where they slow these tests down by 10-100x
+    from threadpoolctl import threadpool_limits
+
+    with pwe.cpu_threads(1), threadpool_limits(1):
+        yield
+
+
+def rasterise(inside, n: int, supersample: int = 8) -> torch.Tensor:
+    """Area fraction of each of n×n pixels covered by the shape ``inside(x, y)`` (coordinates centred on the cell
+    centre), by supersampling; (n, n) float64, rows = y."""
+    m = n * supersample
+    c = (torch.arange(m, dtype=torch.float64) + 0.5) / m - 0.5
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return inside(x, y).double().reshape(n, supersample, n, supersample).mean(dim=(1, 3))
+
+
+def rod_map(n: int, r: float, eps_rod: float, eps_bg: float = 1.0) -> torch.Tensor:
+    frac = rasterise(lambda x, y: x**2 + y**2 <= r**2, n)
+    return (eps_bg + (eps_rod - eps_bg) * frac)[None]  # (1, n, n)
+
+
+def ellipse_map(n: int, rx: float, ry: float, phi: float, eps_in: float, eps_bg: float) -> torch.Tensor:
+    def inside(x, y):  # same convention as legume.Ellipse.is_inside
+        x1 = x * math.cos(phi) + y * math.sin(phi)
+        y1 = -x * math.sin(phi) + y * math.cos(phi)
+        return (x1 / rx) ** 2 + (y1 / ry) ** 2 <= 1
+
+    return (eps_bg + (eps_in - eps_bg) * rasterise(inside, n))[None]
+
+
+def test_plane_wave_sets():
+    g = pwe.plane_waves(5, "circle")
+    assert g.shape == (81, 2) and g[0].tolist() == [0, 0]
+    assert (g.pow(2).sum(1) <= 25).all()
+    assert pwe.n_plane_waves(5, "square") == 121
+    # closed under the 90° rotation (gx, gy) -> (-gy, gx): bands transform exactly under C4v
+    rot = torch.stack([-g[:, 1], g[:, 0]], 1)
+    assert {tuple(v) for v in rot.tolist()} == {tuple(v) for v in g.tolist()}
+
+
+@pytest.mark.parametrize("n", [4, 5, 16])
+def test_kgrid_time_reversal(n):
+    k, w = pwe.kgrid(n)
+    full, wf = pwe.kgrid(n, time_reversal=False)
+    assert math.isclose(w.sum().item(), 1.0) and math.isclose(wf.sum().item(), 1.0)
+    assert len(full) == n * n and len(k) == (n * n + 1) // 2
+    # k ∪ −k (weighted) reproduces the full grid
+    both = torch.cat([k, -k])
+    key = lambda t: {tuple(np.round(v, 9)) for v in t.tolist()}  # noqa: E731
+    assert key(both) == key(full)
+
+
+@pytest.mark.parametrize("pol", ["tm", "te"])
+@pytest.mark.parametrize("dtype", [torch.complex64, C128])
+def test_empty_lattice(pol, dtype):
+    kp, _, _ = pwe.kpath(8)
+    kp = torch.cat([kp, torch.tensor([[0.13, 0.31], [-0.42, 0.07]], dtype=torch.float64)])
+    eps = torch.tensor([1.0, 4.0, 12.5])[:, None, None].expand(3, 32, 32)
+    f = pwe.solve_bands(eps, kp, n_bands=10, polarization=pol, dtype=dtype)  # (3, K, 10)
+    for i, e in enumerate([1.0, 4.0, 12.5]):
+        ref = pwe.empty_lattice_bands(kp, e, 10)
+        # relative to the band frequency (absolute at ω = 0, Γ)
+        err = (f[i].double() - ref).abs() / ref.clamp_min(1e-3)
+        assert err.max() < 1e-5, (pol, dtype, e, err.max())
+
+
+def test_square_rods_tm_gap():
+    """ε = 8.9 rods, r = 0.2a in air (Joannopoulos et al. ch. 5): TM gap between bands 1 and 2."""
+    eps = rod_map(64, 0.2, 8.9)
+    kp, _, _ = pwe.kpath(12)
+    f = pwe.solve_bands(eps, kp, n_bands=3, cutoff=7, dtype=C128)[0]  # 149 plane waves
+    top1, bottom2 = f[:, 0].max().item(), f[:, 1].min().item()
+    gap = (bottom2 - top1) / ((bottom2 + top1) / 2)
+    print(f"rods: band-1 max {top1:.4f} band-2 min {bottom2:.4f} gap/midgap {gap:.3f}")
+    assert abs(top1 / 0.322 - 1) < 0.01 and abs(bottom2 / 0.443 - 1) < 0.01
+    assert abs(gap - 0.31) < 0.01
+
+
+def test_dft_coefficients_alias_limit():
+    eps = rod_map(32, 0.2, 8.9)
+    with pytest.raises(ValueError, match="alias"):
+        pwe.solve_bands(eps, torch.zeros(1, 2), cutoff=8, fourier="dft")
+    # within the limit (2m < n/2) both coefficient rules give close bands; "pixel" is allowed at any cutoff
+    k = torch.tensor([[0.3, 0.1]], dtype=torch.float64)
+    a = pwe.solve_bands(eps, k, cutoff=7, fourier="dft", dtype=C128)
+    b = pwe.solve_bands(eps, k, cutoff=7, fourier="pixel", dtype=C128)
+    assert ((a - b).abs() / b).max() < 0.02
+    pwe.solve_bands(eps, k, cutoff=12, fourier="pixel")
+
+
+@pytest.mark.parametrize("pol", ["tm", "te"])
+def test_group_velocity_finite_differences(pol):
+    g = torch.Generator().manual_seed(0)
+    eps = 1 + 12 * torch.rand(2, 16, 16, generator=g, dtype=torch.float64)
+    k = torch.tensor([[0.13, 0.27], [0.41, -0.08], [0.0, 0.0]], dtype=torch.float64)
+    f, v = pwe.solve_bands(eps, k, n_bands=6, polarization=pol, cutoff=4, group_velocity=True, dtype=C128)
+    h = 1e-5
+    for d in range(2):
+        dk = torch.zeros(2, dtype=torch.float64)
+        dk[d] = h
+        fd = pwe.solve_bands(eps, k + dk, 6, pol, 4, dtype=C128) - pwe.solve_bands(eps, k - dk, 6, pol, 4, dtype=C128)
+        fd = fd / (2 * h)
+        assert (v[:, :2, :, d] - fd[:, :2]).abs().max() < 1e-6
+    # ω = 0 at Γ: velocity exactly 0, no NaN (also in complex64)
+    assert (v[:, 2, 0] == 0).all()
+    _, v32 = pwe.solve_bands(eps.float(), k, 6, pol, 4, group_velocity=True)
+    assert torch.isfinite(v32).all() and (v32[:, 2, 0] == 0).all()
+
+
+def test_complex64_accuracy():
+    g = torch.Generator().manual_seed(1)
+    eps = 1 + 19 * (torch.rand(3, 32, 32, generator=g) > 0.5).float()
+    k, _ = pwe.kgrid(6)
+    a = pwe.solve_bands(eps, k, dtype=torch.complex64).double()
+    b = pwe.solve_bands(eps, k, dtype=C128)
+    err = ((a - b).abs() / b).max().item()
+    print(f"complex64 vs complex128: max relative band difference {err:.2e}")
+    assert err < 1e-4
+
+
+def test_c4v_covariance_and_shift_invariance():
+    g = torch.Generator().manual_seed(2)
+    eps = 1 + 9 * torch.rand(1, 32, 32, generator=g, dtype=torch.float64)
+    k = torch.tensor([[0.13, 0.27], [0.41, -0.08]], dtype=torch.float64)
+    f = pwe.solve_bands(eps, k, dtype=C128)
+    # rot90 on (row = y, col = x) maps (x, y) -> (y, -x) about the cell centre up to a translation: the bands of the
+    # rotated cell at the rotated k equal the original ones
+    rot = torch.rot90(eps, 1, dims=(-2, -1))
+    k_rot = torch.stack([k[:, 1], -k[:, 0]], 1)
+    assert torch.allclose(pwe.solve_bands(rot, k_rot, dtype=C128), f, rtol=1e-9, atol=1e-12)
+    shifted = torch.roll(eps, (5, -11), dims=(-2, -1))
+    assert torch.allclose(pwe.solve_bands(shifted, k, dtype=C128), f, rtol=1e-9, atol=1e-12)
+
+
+def test_chunking_and_batch_independence_bitwise():
+    g = torch.Generator().manual_seed(3)
+    eps = 1 + 19 * torch.rand(5, 32, 32, generator=g)
+    k, _ = pwe.kgrid(6)  # 18 k-points: padded to 24 internally
+    f_all, v_all = pwe.solve_bands(eps, k, group_velocity=True)
+    f_small, v_small = pwe.solve_bands(eps, k, group_velocity=True, memory_budget=1)  # k-slices of 8 matrices
+    assert torch.equal(f_all, f_small) and torch.equal(v_all, v_small)
+    for idx in ([3], [4, 3], [0, 2, 3]):
+        f_sub, v_sub = pwe.solve_bands(eps[idx], k, group_velocity=True)
+        assert torch.equal(f_sub, f_all[idx]) and torch.equal(v_sub, v_all[idx])
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="polarization"):
+        pwe.solve_bands(torch.ones(1, 8, 8), torch.zeros(1, 2), polarization="tx")
+    with pytest.raises(ValueError, match="positive"):
+        pwe.solve_bands(torch.zeros(1, 8, 8), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="kpoints"):
+        pwe.solve_bands(torch.ones(1, 8, 8), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------- legume-gme
+
+legume = pytest.importorskip("legume")
+
+
+def legume_bands(shape, kpoints: torch.Tensor, gmax: float, pol: str, n_bands: int) -> np.ndarray:
+    lattice = legume.Lattice("square")
+    phc = legume.PhotCryst(lattice)
+    phc.add_layer(d=0.5, eps_b=1.0)
+    phc.add_shape(shape)
+    solver = legume.PlaneWaveExp(phc.layers[0], gmax=gmax)
+    solver.run(kpoints=2 * np.pi * kpoints.numpy().T, pol=pol, numeig=n_bands)  # legume: k in 1/a, (2, K)
+    return np.asarray(solver.freqs)  # (K, n_bands), units ωa/2πc
+
+
+K_LEGUME = torch.tensor([[0.5, 0.0], [0.5, 0.5], [0.17, 0.29], [0.05, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("rods", "tm"),
+        ("ellipse", "tm"),
+        ("rods", "te"),
+    ],
+)
+def test_legume_shape_defined_cells(case):
+    """Both solvers converged (ours: anti-aliased 128×128 map, |G| ≤ 10, 317 plane waves; legume: analytic
+    transforms, gmax = 8, 289 plane waves): bands agree within 0.5%."""
+    kind, pol = case
+    n_bands = 6
+    if kind == "rods":
+        eps = rod_map(128, 0.2, 8.9)
+        shape = legume.Circle(eps=8.9, x_cent=0.0, y_cent=0.0, r=0.2)
+    else:
+        eps = ellipse_map(128, 0.3, 0.15, 0.4, 6.0, 1.0)
+        shape = legume.Ellipse(eps=6.0, x_cent=0.0, y_cent=0.0, rx=0.3, ry=0.15, phi=0.4)
+    ours = pwe.solve_bands(eps, K_LEGUME, n_bands, pol, cutoff=10, dtype=C128)[0].numpy()
+    ref = legume_bands(shape, K_LEGUME, gmax=8, pol=pol, n_bands=n_bands)
+    rel = np.abs(ours - ref) / ref
+    print(f"legume {kind} {pol}: max relative difference {rel.max():.2e}")
+    assert rel.max() < 5e-3
+
+
+@pytest.mark.parametrize("pol", ["tm", "te"])
+def test_legume_identical_coefficients(pol):
+    """Given our exact pixel Fourier coefficients and the same square plane-wave set, legume builds the same
+    matrices: bands agree to rounding (checks the matrix assembly independently of the discretisation)."""
+    from essl.eval.bench_solver import legume_solver_for_map
+
+    g = torch.Generator().manual_seed(4)
+    eps = 1 + 19 * (torch.rand(32, 32, generator=g) > 0.6).double()
+    k = torch.tensor([[0.5, 0.0], [0.21, -0.33]], dtype=torch.float64)
+    ours = pwe.solve_bands(eps[None], k, 8, pol, cutoff=4, cutoff_shape="square", dtype=C128)[0].numpy()
+    solver = legume_solver_for_map(eps.numpy(), gmax=4)
+    solver.run(kpoints=2 * np.pi * k.numpy().T, pol=pol, numeig=8)
+    np.testing.assert_allclose(ours, np.asarray(solver.freqs), rtol=1e-8)
