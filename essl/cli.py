@@ -8,7 +8,6 @@ traceback instead. This is the one place that wires ``essl.eval`` and ``essl.pho
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from essl import __version__

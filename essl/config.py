@@ -97,7 +97,7 @@ class TrainerConfig:
     precision: str = "32-true"
     sync_batchnorm: bool = False
     log_every_n_steps: int = 10
-    limit_train_batches: float = 1.0
+    limit_train_batches: Any = 1.0  # a float is a fraction of the epoch, an int a number of batches
     checkpoint_every_n_steps: int = 0  # 0: a checkpoint at every epoch end only
     deterministic: bool = False
 
@@ -180,6 +180,9 @@ def _validate(cfg: DictConfig) -> None:
         raise UserError("config key 'augment.jitter': expected 4 values (brightness, contrast, saturation, hue)")
     if cfg.augment.n_views != 2:
         raise UserError(f"config key 'augment.n_views': {cfg.method.name} uses 2 views, got {cfg.augment.n_views}")
+    limit = cfg.trainer.limit_train_batches
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+        raise UserError(f"config key 'trainer.limit_train_batches': expected a positive int or float, got {limit!r}")
     if cfg.equivariance.weight < 0:
         raise UserError("config key 'equivariance.weight': λ must be >= 0")
 

@@ -148,7 +148,9 @@ class ESSLModule(L.LightningModule):
         bank_y = torch.cat([y for _, y in parts[0]])
         test_x = torch.cat([f for f, _ in parts[1]])
         test_y = torch.cat([y for _, y in parts[1]])
-        acc = knn_accuracy(bank_x, bank_y, test_x, test_y, self.num_classes, k=self.knn_k, temperature=self.knn_temperature)
+        acc = knn_accuracy(
+            bank_x, bank_y, test_x, test_y, self.num_classes, k=self.knn_k, temperature=self.knn_temperature
+        )
         self.log("val/knn_acc", acc, prog_bar=True)
 
     # ---- optimisation -------------------------------------------------------------------------------------
