@@ -13,8 +13,8 @@ are rescaled by √ε_avg (ε_avg = mean of the pixel map): ω' = ω √ε_avg, 
 the bands of the ε = 1 empty lattice. The DOS is evaluated in ω' on ``N_FREQ`` = 500 points in [0, 1.2]; as a
 density in ω' it is DOS_ω(ω'/√ε_avg) / √ε_avg — the "divided by √ε_avg" of the convention is the Jacobian and is
 built in. The first ``N_TARGET`` = 400 points are kept and the regression target is DOS − 2πω', which is ≈ 0
-for the empty lattice (exactly, up to quadrature, while the ``n_bands`` computed bands cover the window; with
-10 bands the empty lattice is complete up to ω' = √(10/π)·... ≈ 1.8 > 0.96, the last target frequency).
+for the empty lattice (up to the GGR linearisation error, ~0.2% on the default grid): with 10 bands the empty
+lattice is complete up to ω' = 1.58 (the minimum of its 11th band), above the last target point ω' = 0.96.
 
 Methods.
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from essl.photonics import pwe
 
 N_FREQ = 500
@@ -278,8 +279,9 @@ def compute_labels(
         eps: (N, n, n) permittivity maps (ε > 0), any real dtype; numpy arrays are accepted.
 
     Returns:
-        dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = kgrid²/2 k-points of
-        the half grid; "dos" (N, N_FREQ) float32; "target" (N, N_TARGET) float32; "eps_avg" (N,) float32.
+        dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points
+        of the half grid (:func:`essl.photonics.pwe.kgrid`, same order); "dos" (N, N_FREQ) float32 in rescaled
+        units; "target" (N, N_TARGET) float32; "eps_avg" (N,) float32.
     """
     method = _check_method(method)
     sigma = DEFAULT_SIGMA[method] if sigma is None else float(sigma)

@@ -50,7 +50,10 @@ import math
 import torch
 
 DEFAULT_CUTOFF = 5
-"""Default plane-wave cutoff m: |G| ≤ 5 (in units of 2π/a), 81 plane waves (see dos.py for the convergence data)."""
+"""Default plane-wave cutoff m: |G| ≤ 5 (units of 2π/a), 81 plane waves. DOS labels (16×16 grid, 8 level-set / 8 blob
+cells) differ from |G| ≤ 7 (149 plane waves) by 0.17% / 0.05% relative L1 (|G| ≤ 4: 0.50% / 0.14%), far below
+the k-grid error, at ~half the cost of |G| ≤ 6. Individual high bands of high-contrast cells are less accurate
+(max relative band error ~1% against |G| ≤ 10); use a larger cutoff for band diagrams."""
 
 DEFAULT_CUTOFF_SHAPE = "circle"
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
