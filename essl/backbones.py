@@ -5,6 +5,7 @@ linear probe and the equivariance head read).
 
 * ``resnet18_cifar`` — ResNet-18 (He et al., 2016) with the CIFAR stem used by SimCLR and E-SSL on CIFAR-10
   (Chen et al., 2020, appendix B.9; Dangovski et al., 2022): a 3×3 stride-1 first convolution and no max-pool.
+* ``phc_cnn`` — the photonics CNN of the E-SSL paper (see :func:`phc_cnn`), with a width multiplier.
 * ``small_cnn`` — four 3×3 conv/BN/ReLU blocks with stride-2 down-sampling and global average pooling; a few
   hundred thousand parameters at width 32, for CPU-sized runs (digits, tests).
 """
@@ -51,9 +52,38 @@ def small_cnn(in_channels: int = 3, width: int = 32) -> tuple[nn.Module, int]:
     return net, 4 * width
 
 
+PHC_CHANNELS = (64, 256, 256)  # Dangovski et al. 2022, photonics encoder (after Loh et al. 2022)
+PHC_POOLS = (2, 4, 4)
+PHC_KERNEL = 7
+PHC_FEATURES = 1024
+
+
+def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32) -> tuple[nn.Module, int]:
+    """The photonics encoder of the E-SSL paper: three 7×7 conv/BN/ReLU blocks with max-pools 2/4/4, then a
+    fully connected 1024 → 1024 head (the last layer's output is the representation). ``width`` multiplies every
+    channel count and the hidden size (e.g. 0.25 for CPU-sized runs). Needs inputs of at least 32×32."""
+    chans = [max(1, round(c * width)) for c in PHC_CHANNELS]
+    hidden = max(1, round(PHC_FEATURES * width))
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for cout, pool in zip(chans, PHC_POOLS, strict=True):
+        layers += [nn.Conv2d(cin, cout, PHC_KERNEL, padding=PHC_KERNEL // 2, bias=False), nn.BatchNorm2d(cout),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
+        cin = cout
+    side = input_size
+    for pool in PHC_POOLS:
+        side //= pool
+    if side < 1:
+        raise UserError(f"phc_cnn needs inputs of at least {2 * 4 * 4}x{2 * 4 * 4} pixels, got input_size={input_size}")
+    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.BatchNorm1d(hidden),
+                        nn.ReLU(inplace=True), nn.Linear(hidden, hidden))
+    return net, hidden
+
+
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet18_cifar": resnet18_cifar,
     "small_cnn": small_cnn,
+    "phc_cnn": phc_cnn,
 }
 
 

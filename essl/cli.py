@@ -1,4 +1,4 @@
-"""``essl`` command line: ``pretrain``, ``probe``, ``phc generate``.
+"""``essl`` command line: ``pretrain``, ``probe``, ``phc generate|regress``, ``bench``.
 
 Thin on purpose: parse, load the config, call library functions. A :class:`~essl.errors.UserError` (bad
 config key, missing file, ...) is printed as one line on stderr with exit code 2; ``--debug`` shows the
@@ -70,6 +70,39 @@ def _cmd_phc_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_phc_regress(args: argparse.Namespace) -> int:
+    from essl.eval.phc_regression import format_regression_table, run_regression
+
+    result = run_regression(
+        None if args.encoder.lower() == "none" else args.encoder,
+        args.train,
+        args.test,
+        args.n_labels,
+        mode=args.mode,
+        seeds=args.seeds,
+        augment=args.augment,
+        device=args.device,
+        json_path=args.json,
+        figure_path=args.figure,
+        progress=not args.no_progress,
+    )
+    print(format_regression_table(result))
+    for label, path in (("results", args.json), ("figure", args.figure)):
+        if path:
+            print(f"essl: {label} written to {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from essl.eval.bench import format_bench, run_bench
+
+    result = run_bench(args.which, device=args.device, json_path=args.json, quick=args.quick)
+    print(format_bench(result))
+    if args.json:
+        print(f"essl: results written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="essl", description="Equivariant self-supervised learning (E-SSL) pipeline.")
     p.add_argument("--version", action="version", version=f"essl {__version__}")
@@ -91,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_probe)
 
-    phc = sub.add_parser("phc", help="photonic crystals: generate data")
+    phc = sub.add_parser("phc", help="photonic crystals: generate data, DOS regression")
     phc_sub = phc.add_subparsers(dest="phc_command", required=True, parser_class=_Parser)
     gen = phc_sub.add_parser("generate", help="generate unit cells (and DOS labels) into an HDF5 file")
     gen.add_argument("--kind", required=True, choices=("blob", "levelset", "cylinder"))
@@ -103,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu or cuda")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_phc_generate)
+    reg = phc_sub.add_parser("regress", help="DOS regression from a frozen or fine-tuned encoder vs from scratch")
+    reg.add_argument("encoder", help="encoder.pt from `essl pretrain` on photonic data, or `none` (scratch only)")
+    reg.add_argument("--train", required=True, help="labelled HDF5 file to take the training labels from")
+    reg.add_argument("--test", required=True, help="labelled HDF5 file to score on")
+    reg.add_argument("--n-labels", type=int, required=True, help="number of labelled training structures")
+    reg.add_argument("--mode", choices=("frozen", "finetune"), default="frozen")
+    reg.add_argument("--seeds", type=int, default=3)
+    reg.add_argument("--augment", default="none",
+                     help="lattice augmentations while training: none, c4v, flips, shifts, c4v+shifts, flips+shifts")
+    reg.add_argument("--json", default=None, metavar="PATH")
+    reg.add_argument("--figure", default=None, metavar="PATH", help="predicted vs true DOS figure (PNG)")
+    reg.add_argument("--device", default=None)
+    reg.add_argument("--no-progress", action="store_true")
+    reg.set_defaults(func=_cmd_phc_regress)
+
+    bench = sub.add_parser("bench", help="speed benchmarks, measured side by side in one run")
+    bench.add_argument("which", nargs="?", default="all", choices=("pipeline", "train", "solver", "all"))
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--json", default=None, metavar="PATH")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
+    bench.set_defaults(func=_cmd_bench)
     return p
 
 
