@@ -19,6 +19,8 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
+from essl import transforms
+
 # Largest uint8 value: images travel as uint8 until the device and become floats in [0, 1] here.
 UINT8_MAX = 255.0
 # Solarize at the midpoint, as torchvision's RandomSolarize(threshold=128) in the BYOL recipe.
@@ -99,3 +101,36 @@ class ViewMaker(nn.Module):
         views = [self.view_pipeline(x) for _ in range(self.n_views)]
         eq = self.eq_pipeline(x) if self.eq_pipeline is not None else None
         return views, eq
+
+
+LATTICE_OPS = ("c4v", "flip4", "rot4", "shift", "halfshift")
+
+
+class LatticeViews(nn.Module):
+    """Invariant views of periodic unit cells (photonic crystals): exact lattice symmetries, no colour ops.
+
+    ``ops`` are applied in order, each with one random element per sample: ``c4v`` (the 8 symmetries of the
+    square), ``flip4``, ``rot4``, ``shift`` (periodic translation by any whole number of pixels) and ``halfshift``
+    (one of the 4 half-cell translations). Permittivity maps are physical values: they are never clamped, only
+    normalised at the end (``(ε − mean) / std``, e.g. (ε − 1)/19). Dangovski et al. (ICLR 2022), photonics
+    experiments.
+    """
+
+    def __init__(self, ops: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        unknown = [op for op in ops if op not in LATTICE_OPS]
+        if unknown:
+            raise ValueError(f"unknown lattice operations {unknown}; choose from {', '.join(LATTICE_OPS)}")
+        self.ops = tuple(ops)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for op in self.ops:
+            if op == "shift":
+                x, _ = transforms.random_shift(x)
+            elif op == "halfshift":
+                x, _ = transforms.transform(x, "translate", mode="random", grid=2)
+            else:
+                x, _ = transforms.transform(x, op, mode="random")
+        return (x - self.mean) / self.std

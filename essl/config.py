@@ -27,8 +27,8 @@ LR_REFERENCE_BATCH = 256  # lr is given per 256 images and scaled linearly by th
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | stl10 | folder
-    path: str | None = None  # folder holding the data (all but digits)
+    name: str = "digits"  # digits | cifar10 | cifar100 | stl10 | folder | phc
+    path: str | None = None  # folder holding the data (all but digits); the HDF5 file for phc
     image_size: int = 32
     batch_size: int = 256  # per device
     num_workers: int = 0
@@ -36,9 +36,11 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Invariant views (SimCLR's recipe); the crop size is ``data.image_size``."""
+    """Invariant views: SimCLR's image recipe (crop size ``data.image_size``), or, when ``lattice`` is set,
+    exact lattice symmetries of periodic unit cells and no crop or colour operation (photonic crystals)."""
 
     n_views: int = 2
+    lattice: list[str] = field(default_factory=list)  # c4v | flip4 | rot4 | shift | halfshift
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip_prob: float = 0.5
     jitter_prob: float = 0.8
@@ -127,7 +129,7 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder"),
+    "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder", "phc"),
     "equivariance.group": ("rot4", "flip4", "c4v", "translate"),
     "equivariance.mode": ("all", "random"),
     "method.name": ("simclr", "byol"),
@@ -176,6 +178,11 @@ def _validate(cfg: DictConfig) -> None:
         lo_hi = OmegaConf.select(cfg, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise UserError(f"config key {key!r}: expected [min, max] with 0 < min <= max <= 1, got {list(lo_hi)}")
+    from essl.augment import LATTICE_OPS
+
+    bad = [op for op in cfg.augment.lattice if op not in LATTICE_OPS]
+    if bad:
+        raise UserError(f"config key 'augment.lattice': {bad[0]!r} is not one of {', '.join(LATTICE_OPS)}")
     if len(cfg.augment.jitter) != 4:
         raise UserError("config key 'augment.jitter': expected 4 values (brightness, contrast, saturation, hue)")
     if cfg.augment.n_views != 2:

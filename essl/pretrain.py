@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from essl.augment import ViewMaker, ViewSpec, build_view_pipeline
+from essl.augment import LatticeViews, ViewMaker, ViewSpec, build_view_pipeline
 from essl.backbones import build_backbone, check_input_size
 from essl.config import LR_REFERENCE_BATCH, to_container
 from essl.data import ImageDataModule, LabelledData, load_labelled
@@ -62,7 +62,9 @@ def _method_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tuple[ESSLModule, dict[str, Any]]:
     """Backbone, method, views, equivariance branch and optimiser settings from the config."""
     backbone, feature_dim = build_backbone(cfg.backbone.name, data.channels, **cfg.backbone.kwargs)
-    sizes = {cfg.data.image_size} | ({cfg.equivariance.crop_size} if cfg.equivariance.weight > 0 else set())
+    lattice = list(cfg.augment.lattice)
+    use_eq_crop = cfg.equivariance.weight > 0 and not lattice
+    sizes = {data.size} | ({cfg.equivariance.crop_size} if use_eq_crop else set())
     for size in sorted(sizes):
         check_input_size(backbone, data.channels, size)
     method = build_method(cfg.method.name, backbone, feature_dim, **_method_kwargs(cfg))
@@ -75,16 +77,18 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         blur_prob=a.blur_prob,
         solarize_prob=a.solarize_prob,
     )
-    view = build_view_pipeline(
-        ViewSpec(size=cfg.data.image_size, scale=tuple(a.crop_scale), **colour), data.channels, data.mean, data.std
-    )
     e = cfg.equivariance
+
+    def views(size: int, scale: tuple[float, float]) -> torch.nn.Module:
+        if lattice:  # periodic unit cells: exact lattice symmetries only, the whole cell (no crop)
+            return LatticeViews(lattice, data.mean, data.std)
+        return build_view_pipeline(ViewSpec(size=size, scale=scale, **colour), data.channels, data.mean, data.std)
+
+    view = views(data.size, tuple(a.crop_scale))
     branch, eq_view = None, None
     if e.weight > 0:
         branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid)
-        eq_view = build_view_pipeline(
-            ViewSpec(size=e.crop_size, scale=tuple(e.crop_scale), **colour), data.channels, data.mean, data.std
-        )
+        eq_view = views(e.crop_size, tuple(e.crop_scale))
     o = cfg.optim
     lr = o.lr * global_batch / LR_REFERENCE_BATCH if o.scale_lr else o.lr
     optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio)
@@ -130,6 +134,7 @@ def pretrain(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    knn = cfg.eval.knn_monitor and data.num_classes > 0 and len(data.x_test) > 0
     t = cfg.trainer
     precision = t.precision
     if precision.startswith("16") and not torch.cuda.is_available():
@@ -172,11 +177,11 @@ def pretrain(cfg: DictConfig) -> Path:
         default_root_dir=run_dir,
         check_val_every_n_epoch=1,
         num_sanity_val_steps=0,
-        limit_val_batches=None if cfg.eval.knn_monitor else 0,
+        limit_val_batches=None if knn else 0,  # validation = the kNN monitor only
     )
     global_batch = cfg.data.batch_size * trainer.world_size
     module, info = build_module(cfg, data, global_batch)
-    dm = ImageDataModule(data, cfg.data.batch_size, cfg.data.num_workers, knn_monitor=cfg.eval.knn_monitor)
+    dm = ImageDataModule(data, cfg.data.batch_size, cfg.data.num_workers, knn_monitor=knn)
 
     if trainer.is_global_zero:
         _write_config(cfg, run_dir)
@@ -203,7 +208,7 @@ def pretrain(cfg: DictConfig) -> Path:
             dict(cfg.backbone.kwargs),
             info["feature_dim"],
             data.channels,
-            cfg.data.image_size,
+            data.size,
             data.mean,
             data.std,
             config=to_container(cfg),

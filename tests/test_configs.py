@@ -11,6 +11,7 @@ from essl.pretrain import pretrain
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 IMAGE_CONFIGS = [p for p in IMAGE_CONFIGS if p.parent.name != "photonics"]
+PHC_CONFIGS = sorted((ROOT / "configs" / "photonics").glob("*.yaml"))
 TINY = ["data.name=digits", "data.path=null", "data.image_size=16", "data.batch_size=8", "data.num_workers=0",
         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1", "progress=false",
         "equivariance.crop_size=8",
@@ -55,3 +56,28 @@ def test_knn_monitor_logs_validation_accuracy(tmp_path):
     col = lines[0].split(",").index("val/knn_acc")
     values = [float(r.split(",")[col]) for r in lines[1:] if r.split(",")[col]]
     assert len(values) == 1 and 0.1 < values[0] <= 1.0  # above chance (10 classes) even after one step
+
+
+@pytest.fixture(scope="module")
+def phc_file(tmp_path_factory):
+    from essl.photonics.dataset import generate
+
+    out = tmp_path_factory.mktemp("phc") / "cells.h5"
+    generate(out, "levelset", 16, labels=False, seed=0, progress=False)
+    return out
+
+
+def test_photonics_configs_exist():
+    names = {p.stem for p in PHC_CONFIGS}
+    assert names == {f"{k}_{m}" for k in ("blob", "levelset") for m in ("simclr", "simclr-invariant", "e-simclr")}
+
+
+@pytest.mark.parametrize("path", PHC_CONFIGS, ids=lambda p: p.stem)
+def test_photonics_config_runs_one_step(path, phc_file, tmp_path):
+    cfg = load_config(path, [f"data.path={phc_file}", "data.batch_size=4", "trainer.max_epochs=1",
+                             "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1", "progress=false",
+                             "backbone.kwargs.width=0.125", f"output_dir={tmp_path / 'run'}"])
+    assert cfg.method.temperature == 0.1
+    assert cfg.equivariance.weight in (0.0, 5.0)
+    payload = torch.load(pretrain(cfg), weights_only=True)
+    assert payload["input"] == {"channels": 1, "size": 32, "mean": [1.0], "std": [19.0]}

@@ -185,7 +185,23 @@ def load_folder(root: Path, image_size: int | None) -> LabelledData:
     return LabelledData(f"folder:{root}", xtr, ytr, xte, yte, num_classes=len(classes))
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder")
+DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder", "phc")
+
+
+def load_phc_maps(path: str) -> LabelledData:
+    """Photonic-crystal permittivity maps for pretraining: float32 (N, 1, n, n) in physical units (no labels).
+
+    The model input is (ε − EPS_MIN) / EPS_SPAN, expressed as the dataset's ``mean``/``std`` so that the encoder
+    file carries it (DESIGN.md: normalise only at the model input).
+    """
+    from essl.data.phc import EPS_MIN, EPS_SPAN, load_phc
+
+    eps, _ = load_phc(path)
+    x = torch.from_numpy(eps)[:, None]  # (N, 1, n, n)
+    empty = x[:0]
+    no_labels = torch.zeros(len(x), dtype=torch.int64)
+    return LabelledData(f"phc:{path}", x, no_labels, empty, no_labels[:0], num_classes=0,
+                        mean=(EPS_MIN,), std=(EPS_SPAN,))
 
 
 def _guess(root: Path) -> str:
@@ -206,7 +222,9 @@ def load_labelled(name_or_path: str, image_size: int | None = None, path: str | 
     if name == "digits":
         return load_digits(image_size or 32)
     if not path:
-        raise UserError(f"dataset {name!r} needs data.path (the folder that holds it)")
+        raise UserError(f"dataset {name!r} needs data.path (the folder or file that holds it)")
+    if name == "phc" or str(path).endswith((".h5", ".hdf5")):
+        return load_phc_maps(path)
     root = Path(path).expanduser()
     if not root.exists():
         raise UserError(f"data path does not exist: {root}")
