@@ -127,6 +127,30 @@ class ESSLModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never overwrite a good checkpoint with diverged weights
+        # the augmentation stream (kornia and transforms draw from torch's global RNG) resumes where it was
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["essl_rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("essl_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self._decorrelate_ranks()
+
+    def setup(self, stage: str) -> None:
+        self._decorrelate_ranks()
+
+    def _decorrelate_ranks(self) -> None:
+        """Under DDP every rank starts from the same seed (``seed_everything``): offset the global RNG by the
+        rank so that each GPU draws different views (DESIGN.md). A no-op on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return
+        base = int(torch.randint(0, 2**62, (1,)))  # identical on every rank at this point
+        torch.manual_seed(base + self.trainer.global_rank)
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
