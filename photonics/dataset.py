@@ -38,10 +38,10 @@ from typing import Any
 
 import h5py
 import numpy as np
-from essl.photonics.unitcell import DEFAULT_SIZE, KINDS, generate_cells, generator_options
 
 import essl
 from essl.errors import UserError
+from essl.photonics.unitcell import DEFAULT_SIZE, KINDS, generate_cells, generator_options
 
 FORMAT = "essl.phc/1"
 """Value of the ``format`` attribute; bump when the layout changes."""

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from essl.eval.features import extract_features
 from torch import nn
+
+from essl.eval.features import extract_features
 
 
 def tiny_encoder() -> nn.Module:

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from essl.eval import linear_probe as lp
-from essl.eval.linear_probe import format_table, run_probe, select_weight_decay, train_linear_probe
 
 from essl.errors import UserError
+from essl.eval import linear_probe as lp
+from essl.eval.linear_probe import format_table, run_probe, select_weight_decay, train_linear_probe
 
 NUM_CLASSES = 5
 

@@ -12,12 +12,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-from essl.photonics import dataset
-from essl.photonics.dataset import DOS_POINTS, TARGET_POINTS, generate, open_dataset
-from essl.photonics.unitcell import generate_cells
 
 import essl
 from essl.errors import UserError
+from essl.photonics import dataset
+from essl.photonics.dataset import DOS_POINTS, TARGET_POINTS, generate, open_dataset
+from essl.photonics.unitcell import generate_cells
 
 # The real solver (essl.photonics.dos.compute_labels) with tiny settings: 21 plane waves (|G| <= 2), a 4×4
 # k-grid, 10 bands, Gaussian-broadened DOS (the fastest method): a fraction of a second per structure on CPU.

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from essl.errors import UserError
 from essl.photonics.unitcell import (
     EPS_MAX,
     EPS_MIN,
@@ -13,8 +15,6 @@ from essl.photonics.unitcell import (
     generator_options,
     pixel_grid,
 )
-
-from essl.errors import UserError
 
 N = 64
 SIZE = 32
