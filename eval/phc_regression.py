@@ -653,15 +653,16 @@ def run_regression(
                 split = label_split(len(x_train), n_labels, val_fraction, seed)
                 scale = _TargetScale.fit(y_train[split.fit])
                 y_fit, y_val = y_train[split.fit], y_train[split.val]
-                gen = torch.Generator(device=device).manual_seed(seed)
-                batch_gen = torch.Generator().manual_seed(seed)
-
-                def aug(xb: Tensor, gen: torch.Generator = gen) -> Tensor:
-                    return augment_maps(xb, augment, gen)
-
-                end_to_end_aug = None if augment == "none" else aug
                 for kind in kinds:
                     bar.set_postfix_str(f"seed {seed} {kind}")
+                    # fresh generators per run: a run does not depend on which other runs came before it
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    batch_gen = torch.Generator().manual_seed(seed)
+
+                    def aug(xb: Tensor, gen: torch.Generator = gen) -> Tensor:
+                        return augment_maps(xb, augment, gen)
+
+                    end_to_end_aug = None if augment == "none" else aug
                     if kind == "encoder" and mode == "frozen":
                         x_fit = _frozen_fit_features(frozen, feats_train, x_train, split.fit, augment, gen, device)
                         y_fit_k = y_fit.repeat(len(x_fit) // len(y_fit), 1)  # view-major copies of the targets
