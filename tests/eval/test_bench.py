@@ -1,0 +1,92 @@
+"""essl.eval.bench: every section runs in quick mode and emits its JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from essl.eval import bench
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_memory(mem: dict) -> None:
+    for key in ("peak_rss_mb", "ru_maxrss_mb"):
+        assert _positive(mem[key]), (key, mem)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """Each section once, in quick mode, as returned and as written to JSON."""
+    out = {}
+    for section in bench.SECTIONS:
+        path = tmp_path_factory.mktemp(section) / "bench.json"
+        result = bench.run_bench(section, device="cpu", json_path=str(path), quick=True)
+        out[section] = (result, json.loads(path.read_text()))
+    return out
+
+
+def test_machine_and_json_match(quick_runs):
+    for section, (result, written) in quick_runs.items():
+        assert written == result
+        m = written["machine"]
+        assert m["cpu_count"] >= 1 and m["device"] == "cpu" and m["torch"]
+        assert written["settings"]["quick"] is True and written["settings"]["which"] == section
+        assert set(bench.SECTIONS) & set(written) == {section}
+        assert _positive(written[section]["wall_s"])
+
+
+def test_pipeline_section(quick_runs):
+    p = quick_runs["pipeline"][1]["pipeline"]
+    for key in ("essl_images_per_s", "reference_images_per_s", "speedup", "batch", "reference_workers"):
+        assert _positive(p[key]), key
+    _check_memory(p["memory"])
+    assert p["memory"]["peak_rss_workers_mb"] > 0  # the reference's DataLoader workers were seen
+
+
+def test_train_section(quick_runs):
+    tr = quick_runs["train"][1]["train"]
+    for name in bench.QUICK_BACKBONES:
+        r = tr[name]
+        assert _positive(r["essl_overhead"]) and _positive(r["batch"])
+        for method in ("simclr", "e_simclr"):
+            for key in ("step_ms", "images_per_s", "augment_ms", "augment_share"):
+                assert _positive(r[method][key]), (name, method, key)
+        _check_memory(r["memory"])
+
+
+def test_solver_section(quick_runs):
+    s = quick_runs["solver"][1]["solver"]
+    assert _positive(s["ours_structs_per_s"])
+    if s["legume_installed"]:
+        assert _positive(s["legume_structs_per_s"]) and _positive(s["speedup"])
+    _check_memory(s["memory"])
+
+
+def test_format_bench_has_every_section(quick_runs):
+    merged = dict(quick_runs["pipeline"][1])
+    for section in ("train", "solver"):
+        merged[section] = quick_runs[section][1][section]
+    text = bench.format_bench(merged)
+    for heading in ("**Augmentation**", "**Training step**", "**Band solver**", "| small_cnn |", "QUICK"):
+        assert heading in text, heading
+
+
+def test_unknown_section_and_bad_repeats_are_errors():
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        bench.run_bench("nope", device="cpu", quick=True)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_bench("pipeline", device="cpu", quick=True, repeats=0)
+
+
+def test_jsonable_and_atomic_write(tmp_path):
+    obj = bench._jsonable({1: float("nan"), "t": (1.5, float("inf")), "ok": 2})
+    assert obj == {"1": None, "t": [1.5, None], "ok": 2}
+    path = tmp_path / "sub" / "r.json"
+    bench.write_json_atomic(obj, path)
+    assert json.loads(path.read_text()) == obj
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left behind
