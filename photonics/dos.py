@@ -226,6 +226,7 @@ def label_settings(
     memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = pwe.DEFAULT_DTYPE,
     num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
+    kpoint_symmetry: bool = True,
 ) -> dict:
     """Plain JSON-able solver + DOS settings of :func:`compute_labels` (stored as HDF5 attributes, compared on
     resume). ``memory_budget`` and ``num_threads`` only change speed, not results, and are not included."""
@@ -243,6 +244,8 @@ def label_settings(
         "eig_dtype": str(dtype).replace("torch.", ""),
         "kgrid": int(kgrid),
         "time_reversal": True,
+        "kpoint_symmetry": "exact point group of each cell" if kpoint_symmetry else "none",
+        "eigensolver": "lapack ?heevr subset + Rayleigh quotient (cpu), torch eigh (other devices)",
         "dos_method": method,
         "freq_rescale": "sqrt(eps_avg)",
         "n_freq": N_FREQ,
@@ -266,6 +269,7 @@ def compute_labels(
     memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
     dtype: torch.dtype = pwe.DEFAULT_DTYPE,
     num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
+    kpoint_symmetry: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Bands, DOS and regression target of a batch of unit cells: THE labelling entry point of the datasets.
 
@@ -277,6 +281,12 @@ def compute_labels(
 
     Args:
         eps: (N, n, n) permittivity maps (ε > 0), any real dtype; numpy arrays are accepted.
+        kpoint_symmetry: solve every cell only on the k-points irreducible under its point group, detected
+            exactly from the map (:func:`essl.photonics.pwe.cell_symmetries`,
+            :func:`essl.photonics.pwe.irreducible_kgrid`):
+            2× fewer for a mirror (pm level sets), 3.6× for C4v (p4m, rods); p1 cells (blobs) are unchanged. The
+            result equals the unreduced one up to rounding (~1e-6 relative); the returned bands are still given on
+            every point of the half grid (copied from the representatives).
 
     Returns:
         dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points
@@ -289,37 +299,32 @@ def compute_labels(
     if eps.ndim != 3:
         raise ValueError(f"eps must have shape (N, n, n), got {tuple(eps.shape)}")
     with pwe.cpu_threads(num_threads if eps.device.type == "cpu" else None):
-        kpts, weights = pwe.kgrid(kgrid)  # (K, 2), (K,)
-        kpts = kpts.to(eps.device)
         eps_avg = eps.to(torch.float64).mean(dim=(-1, -2))  # (N,)
-        scale = eps_avg.sqrt()[:, None, None]  # (N, 1, 1)
         omega = frequency_grid(device=eps.device)
-        weights = weights.to(eps.device)
-        if method == "ggr":
-            f, v = pwe.solve_bands(
-                eps,
-                kpts,
-                n_bands,
-                polarization,
-                cutoff,
-                group_velocity=True,
-                memory_budget=memory_budget,
-                dtype=dtype,
-                num_threads=num_threads,
-            )
-            dos = dos_ggr(f * scale, v * scale[..., None], weights, omega, cell=1.0 / kgrid, sigma=sigma)
-        else:
-            f = pwe.solve_bands(
-                eps,
-                kpts,
-                n_bands,
-                polarization,
-                cutoff,
-                memory_budget=memory_budget,
-                dtype=dtype,
-                num_threads=num_threads,
-            )
-            dos = dos_gaussian(f * scale, weights, omega, sigma)
+        n_half = len(pwe.kgrid(kgrid)[0])
+        band_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
+        f = torch.empty(eps.shape[0], n_half, n_bands, dtype=band_dtype)
+        dos = torch.empty(eps.shape[0], N_FREQ, dtype=torch.float64, device=eps.device)
+        # structures grouped by their exact point group: each group is solved on its irreducible k-points, so a
+        # structure's result depends on its own map only (bit for bit, whatever else is in the batch)
+        ops = pwe.cell_symmetries(eps) if kpoint_symmetry else [{} for _ in range(eps.shape[0])]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, o in enumerate(ops):
+            groups.setdefault(tuple(sorted(o)), []).append(i)
+        for key, members in groups.items():
+            idx = torch.tensor(members, device=eps.device)
+            kpts, weights, index = pwe.irreducible_kgrid(kgrid, key)
+            kpts, weights = kpts.to(eps.device), weights.to(eps.device)
+            sub = eps[idx]
+            scale = eps_avg[idx].sqrt()[:, None, None]  # (b, 1, 1)
+            common = dict(memory_budget=memory_budget, dtype=dtype, num_threads=num_threads)
+            if method == "ggr":
+                fg, v = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, group_velocity=True, **common)
+                dos[idx] = dos_ggr(fg * scale, v * scale[..., None], weights, omega, cell=1.0 / kgrid, sigma=sigma)
+            else:
+                fg = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, **common)
+                dos[idx] = dos_gaussian(fg * scale, weights, omega, sigma)
+            f[idx.cpu()] = fg[:, index.to(fg.device)].cpu().to(f.dtype)
     target = dos[:, :N_TARGET] - empty_lattice_dos(omega[:N_TARGET])
     return {
         "bands": f.float().cpu(),

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 
 DEFAULT_CUTOFF = 5
@@ -69,6 +70,7 @@ machine oversubscribed OpenMP threads slowed a 2-structure solve from 0.12 s to 
 POLARIZATIONS = ("tm", "te")
 FOURIER_MODES = ("pixel", "dft")
 CUTOFF_SHAPES = ("circle", "square")
+EIGENSOLVERS = ("auto", "lapack", "torch")
 
 _ALIGN_K = 8
 """k-points per structure are padded to a multiple of this, so that every structure's block of matrices starts at
@@ -213,21 +215,177 @@ def fourier_coefficients(eps: torch.Tensor, max_index: int, fourier: str = "pixe
     return coef
 
 
-def epsilon_matrix(eps: torch.Tensor, gvecs: torch.Tensor, fourier: str = "pixel") -> torch.Tensor:
-    """Toeplitz matrix [ε]_{GG'} = ε̂(G − G') (Laurent rule), (B, P, P) complex128, for the plane waves gvecs (P, 2)."""
+def epsilon_matrix(
+    eps: torch.Tensor, gvecs: torch.Tensor, fourier: str = "pixel", origin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Toeplitz matrix [ε]_{GG'} = ε̂(G − G') (Laurent rule), (B, P, P) complex128, for the plane waves gvecs (P, 2).
+
+    ``origin`` (B, 2) (fractional (x, y)) moves the origin of the Fourier transform to that point: ε̂(G) is
+    multiplied by e^{2πi G·origin}, a unitary similarity D [ε] D* (D = diag(e^{2πi G·origin})) that leaves the bands
+    unchanged. About an inversion centre of the cell the coefficients, and so [ε], are real (:func:`inversion_centres`).
+    """
     gvecs = gvecs.to(eps.device)
     m = int(gvecs.abs().max().item()) if gvecs.numel() else 0
     coef = fourier_coefficients(eps, 2 * m, fourier)  # (B, 4m+1, 4m+1)
+    if origin is not None:
+        g = torch.arange(-2 * m, 2 * m + 1, device=eps.device, dtype=torch.float64)
+        o = origin.to(device=eps.device, dtype=torch.float64)
+        phase = 2 * math.pi * (o[:, 1, None, None] * g[None, :, None] + o[:, 0, None, None] * g[None, None, :])
+        coef = coef * torch.polar(torch.ones_like(phase), phase)
     d = gvecs[:, None, :] - gvecs[None, :, :] + 2 * m  # (P, P, 2), shifted to non-negative indices
     flat = d[..., 1] * (4 * m + 1) + d[..., 0]  # (P, P) into the flattened [g_y, g_x] grid
     return coef.reshape(coef.shape[0], -1)[:, flat]  # (B, P, P)
 
 
-def inverse_epsilon_matrix(eps: torch.Tensor, gvecs: torch.Tensor, fourier: str = "pixel") -> torch.Tensor:
+def inverse_epsilon_matrix(
+    eps: torch.Tensor,
+    gvecs: torch.Tensor,
+    fourier: str = "pixel",
+    origin: torch.Tensor | None = None,
+    real: bool = False,
+) -> torch.Tensor:
     """[ε]⁻¹ (B, P, P) complex128 (inverse rule; Ho et al. 1990, Li 1996). [ε] is Hermitian positive definite for
-    ε(r) > 0, so a Cholesky factorisation inverts it."""
-    e = epsilon_matrix(eps, gvecs, fourier)
+    ε(r) > 0, so a Cholesky factorisation inverts it. ``origin``: see :func:`epsilon_matrix`; ``real=True`` (only
+    for an origin at an inversion centre, where the imaginary part is rounding) returns the float64 real inverse."""
+    e = epsilon_matrix(eps, gvecs, fourier, origin)
+    if real:
+        e = e.real.contiguous()
     return torch.cholesky_inverse(torch.linalg.cholesky(e))
+
+
+# ----------------------------------------------------------------------------------------------- cell symmetry
+
+POINT_OPS = ("mx", "my", "c2", "d", "ad", "c4", "c4i")
+"""The non-trivial operations of C4v about the cell centre: mirrors x -> -x ("mx") and y -> -y ("my"), the 180°
+rotation = inversion ("c2"), the diagonal mirrors x <-> y ("d") and x <-> -y ("ad"), the 90° rotations ("c4",
+"c4i")."""
+
+_POINT_OP_MAPS = {
+    "mx": lambda e: e.flip(-1),
+    "my": lambda e: e.flip(-2),
+    "c2": lambda e: e.flip(-2, -1),
+    "d": lambda e: e.transpose(-1, -2),
+    "ad": lambda e: e.transpose(-1, -2).flip(-2, -1),
+    "c4": lambda e: torch.rot90(e, 1, dims=(-2, -1)),
+    "c4i": lambda e: torch.rot90(e, -1, dims=(-2, -1)),
+}
+"""Each operation as an exact array operation on (..., row = y, col = x) maps about the cell centre."""
+
+_POINT_OP_MATRICES = {
+    "mx": ((-1, 0), (0, 1)),
+    "my": ((1, 0), (0, -1)),
+    "c2": ((-1, 0), (0, -1)),
+    "d": ((0, 1), (1, 0)),
+    "ad": ((0, -1), (-1, 0)),
+    "c4": ((0, -1), (1, 0)),
+    "c4i": ((0, 1), (-1, 0)),
+}
+"""The same operations as 2×2 matrices acting on (x, y) and on (k_x, k_y). (Which of the two 90° rotations is
+"c4" does not matter here: a cell symmetric under one is symmetric under the other.)"""
+
+_SYMMETRY_RTOL = 1e-9
+"""Relative tolerance on the FFT cross-correlation that proposes a shift; every proposal is then verified exactly."""
+
+
+def cell_symmetries(eps: torch.Tensor) -> list[dict[str, tuple[int, int]]]:
+    """The point-group operations that map each cell onto itself exactly, bit for bit, up to a periodic shift.
+
+    For every structure and every operation R of :data:`POINT_OPS` (about the cell centre) the periodic pixel
+    shifts s = (s_y, s_x) with ``torch.roll(R(eps), s) == eps`` are searched: an FFT cross-correlation proposes
+    the shifts where ||roll(R(eps), s) − eps|| vanishes (to rounding), and a proposal is accepted only if the
+    shifted map equals the original exactly. Symmetry operations whose mirror line or rotation centre lies on a
+    pixel centre or a pixel edge are therefore all found (these are the ones a pixel map can have), and no
+    operation is ever reported that the map does not have: a nearly symmetric cell counts as not symmetric.
+
+    Args:
+        eps: (B, n, n) real maps.
+
+    Returns:
+        one dict per structure, {operation name: (s_y, s_x)} for the operations it has (empty for p1 cells).
+    """
+    if eps.ndim != 3 or eps.shape[-1] != eps.shape[-2]:
+        raise ValueError(f"eps must have shape (B, n, n), got {tuple(eps.shape)}")
+    e = eps.detach().to("cpu", torch.float64)
+    n = e.shape[-1]
+    spec = torch.fft.fft2(e)
+    norm2 = (e * e).sum(dim=(-2, -1))  # (B,)
+    out: list[dict[str, tuple[int, int]]] = [{} for _ in range(e.shape[0])]
+    raw = eps.detach().cpu()
+    for name in POINT_OPS:
+        t = _POINT_OP_MAPS[name](e)
+        # corr[s] = Σ_r e[r] t[r − s] = <e, roll(t, s)>; ||roll(t, s) − e||² = 2 (||e||² − corr[s])
+        corr = torch.fft.ifft2(spec * torch.fft.fft2(t).conj()).real  # (B, n, n)
+        close = (norm2[:, None, None] - corr) <= _SYMMETRY_RTOL * norm2[:, None, None]
+        for b, sy, sx in close.nonzero().tolist():
+            if name in out[b]:
+                continue
+            if torch.equal(torch.roll(_POINT_OP_MAPS[name](raw[b]), (sy, sx), dims=(0, 1)), raw[b]):
+                out[b][name] = (sy % n, sx % n)
+    return out
+
+
+def inversion_centres(eps: torch.Tensor, symmetries: list[dict] | None = None) -> torch.Tensor:
+    """Inversion centre (x, y) (fractional) of every cell that has one, NaN for the others; (B, 2) float64.
+
+    A cell with ``roll(c2(eps), (s_y, s_x)) == eps`` satisfies ε(c0 − r) = ε(r), c0 = (s_x, s_y)/n, so it is even
+    about c0/2, where its Fourier coefficients are real."""
+    symmetries = cell_symmetries(eps) if symmetries is None else symmetries
+    n = eps.shape[-1]
+    out = torch.full((len(symmetries), 2), float("nan"), dtype=torch.float64)
+    for b, ops in enumerate(symmetries):
+        if "c2" in ops:
+            sy, sx = ops["c2"]
+            out[b] = torch.tensor([sx / (2 * n), sy / (2 * n)], dtype=torch.float64)
+    return out
+
+
+def irreducible_kgrid(
+    n: int, operations=(), dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k-points of :func:`kgrid` (n×n cell centres, time-reversal half) reduced by a cell's point group.
+
+    Bands at R k equal those at k for every point operation R of the cell (and at −k by time reversal), so one
+    representative per orbit of the group generated by ``operations`` (names of :data:`POINT_OPS`) and −1 is
+    solved, weighted by the size of its orbit on the full grid (the grid of cell centres is invariant under C4v).
+    The group velocities of an orbit are the representative's rotated / mirrored, v(Rk) = R v(k): their absolute
+    components are those of the representative, permuted, so a cell's GGR contribution is the same for the whole
+    orbit (:func:`essl.photonics.dos.dos_ggr`).
+
+    Returns:
+        kpoints (K', 2), weights (K',) summing to 1, and index (K,) mapping every point of ``kgrid(n)`` (same
+        order) to its representative, so that bands on the half grid are ``bands[:, index]``. With no operations
+        this is exactly ``kgrid(n)`` with index = arange(K).
+    """
+    k_half, _ = kgrid(n, dtype=torch.float64)
+    mats = [torch.tensor(_POINT_OP_MATRICES[o], dtype=torch.long) for o in operations]
+    group = {(1, 0, 0, 1), (-1, 0, 0, -1)}
+    frontier = [torch.eye(2, dtype=torch.long), -torch.eye(2, dtype=torch.long)] + mats
+    group |= {tuple(m.reshape(-1).tolist()) for m in mats}
+    while frontier:  # closure of the generated group (at most 8 elements)
+        a = frontier.pop()
+        for b in list(group):
+            c = a @ torch.tensor(b, dtype=torch.long).reshape(2, 2)
+            key = tuple(c.reshape(-1).tolist())
+            if key not in group:
+                group.add(key)
+                frontier.append(c)
+    gmats = torch.tensor(sorted(group), dtype=torch.long).reshape(-1, 2, 2)  # (|G|, 2, 2)
+    # integer coordinates u = 2 i − (n − 1) of the grid, k = u / 2n (exact under every operation)
+    u = torch.round(k_half * 2 * n).long()  # (K, 2)
+    key = lambda v: ((v[..., 1] + n) * (2 * n + 1) + (v[..., 0] + n))  # noqa: E731
+    half_index = {int(kk): i for i, kk in enumerate(key(u).tolist())}
+    images = torch.einsum("gij,kj->kgi", gmats, u)  # (K, |G|, 2)
+    rep = torch.empty(len(u), dtype=torch.long)
+    orbit = torch.empty(len(u), dtype=torch.long)
+    for i, img in enumerate(key(images).tolist()):
+        distinct = set(img)
+        rep[i] = min(half_index[j] for j in distinct if j in half_index)
+        orbit[i] = len(distinct)
+    reps = torch.unique(rep)  # sorted: the representatives in kgrid order
+    position = torch.full((len(u),), -1, dtype=torch.long)
+    position[reps] = torch.arange(len(reps))
+    weights = orbit[reps].to(torch.float64) / n**2
+    return k_half[reps].to(dtype), weights.to(dtype), position[rep]
 
 
 # ----------------------------------------------------------------------------------------------- solver
@@ -261,6 +419,129 @@ def _chunks(
     return [(s, s + 1, k0, min(k0 + k_step, k_pad)) for s in range(n_structures) for k0 in range(0, k_pad, k_step)]
 
 
+_BLAS_CONTROLLER = None
+
+
+def _blas_threads(n: int):
+    """Limit the BLAS behind scipy (OpenBLAS, separate from torch's MKL) to n threads; threadpoolctl's controller
+    is built once (its first inspection of the loaded libraries takes ~20-100 ms, a limit afterwards ~40 µs).
+    Without it, OpenBLAS's default of one thread per core made a 1-thread label run on a busy 2-core machine
+    ~100× slower (measured: 11 s instead of ~0.1 s per structure)."""
+    global _BLAS_CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
+
+
+def lapack_available() -> bool:
+    """Whether scipy's LAPACK wrappers (the CPU subset eigensolver) can be imported."""
+    try:
+        from scipy.linalg import lapack  # noqa: F401
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return False
+    return True
+
+
+def _lapack_lowest(mats: torch.Tensor, n_bands: int, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lowest ``n_bands`` eigenpairs of a stack of Hermitian / real symmetric CPU matrices (m, P, P), one LAPACK
+    ?heevr / ?syevr call (MRRR, subset by index) per matrix, with torch's CPU thread count for the BLAS. Every
+    matrix is copied into one 64-byte-aligned column-major buffer that LAPACK overwrites, so each result depends
+    only on its own matrix, bit for bit."""
+    from scipy.linalg import lapack
+
+    a = mats.detach().numpy()
+    m, p = a.shape[0], a.shape[-1]
+    fn = {
+        np.dtype(np.complex64): lapack.cheevr,
+        np.dtype(np.complex128): lapack.zheevr,
+        np.dtype(np.float32): lapack.ssyevr,
+        np.dtype(np.float64): lapack.dsyevr,
+    }[a.dtype]
+    raw = np.empty(p * p * a.itemsize + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    buf = raw[off : off + p * p * a.itemsize].view(a.dtype).reshape(p, p).T  # Fortran order, aligned
+    lam = np.empty((m, n_bands), dtype=np.finfo(a.dtype).dtype)
+    vec = np.empty((m, p, n_bands), dtype=a.dtype) if vectors else None
+    with _blas_threads(torch.get_num_threads()):
+        for i in range(m):
+            buf.T[...] = a[i]  # buf = a[i]ᵀ = conj(a[i]) (Hermitian): same eigenvalues, conjugated eigenvectors
+            w, z, found, _, info = fn(buf, compute_v=int(vectors), range="I", il=1, iu=n_bands, overwrite_a=1)
+            if info != 0 or found != n_bands:
+                raise RuntimeError(f"LAPACK {fn.__name__} failed (info={info}, found {found} of {n_bands} eigenvalues)")
+            lam[i] = w[:n_bands]
+            if vectors:
+                np.conjugate(z, out=vec[i]) if a.dtype.kind == "c" else np.copyto(vec[i], z)
+    return torch.from_numpy(lam), (torch.from_numpy(vec) if vectors else None)
+
+
+def _solve_group(
+    a_inv: torch.Tensor,
+    q: torch.Tensor,
+    n_bands: int,
+    polarization: str,
+    group_velocity: bool,
+    memory_budget: int,
+    eigensolver: str,
+    real_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bands (and velocities) of structures sharing one formulation: a_inv (b, P, P) complex or real, q (Kp, P, 2)."""
+    device = a_inv.device
+    B, k_pad, n_pw = a_inv.shape[0], q.shape[0], q.shape[1]
+    qn = q.norm(dim=-1)  # (Kp, P) = |k+G|
+    freqs = torch.empty(B, k_pad, n_bands, dtype=real_dtype, device=device)
+    vg = torch.empty(B, k_pad, n_bands, 2, dtype=real_dtype, device=device) if group_velocity else None
+    itemsize = a_inv.element_size()
+    for s0, s1, k0, k1 in _chunks(B, k_pad, n_pw * n_pw * itemsize, memory_budget):
+        a = a_inv[s0:s1, None]  # (b, 1, P, P)
+        qc, qnc = q[k0:k1], qn[k0:k1]  # (k, P, 2), (k, P)
+        if polarization == "tm":
+            mat = a * (qnc[:, :, None] * qnc[:, None, :])  # (b, k, P, P) = S A S
+        else:
+            mat = a * (qc @ qc.transpose(-1, -2))  # (b, k, P, P) = [(k+G)·(k+G')] ∘ A
+        if eigensolver == "lapack":
+            _, u = _lapack_lowest(mat.reshape(-1, n_pw, n_pw), n_bands, True)
+            u = u.reshape(*mat.shape[:2], n_pw, n_bands)
+            # Rayleigh quotients uᴴMu/uᴴu: the eigenvalue error becomes quadratic in the eigenvector error. Single-
+            # precision ?heevr / ?syevr (OpenBLAS) leave absolute errors ~1e-7·||M|| in the eigenvalues themselves,
+            # 1e-3 relative for the lowest band near Γ; the quotient restores ~1e-6 relative (tests).
+            mu = mat @ u  # (b, k, P, nb)
+            num = (u.conj() * mu).real.sum(-2) if u.is_complex() else (u * mu).sum(-2)
+            den = (u.real**2 + u.imag**2).sum(-2) if u.is_complex() else (u * u).sum(-2)
+            lam, order = (num / den).sort(dim=-1)  # (b, k, nb), ascending even where near-degenerate
+            u = u.gather(-1, order[..., None, :].expand_as(u))
+            if not group_velocity:
+                u = None
+        elif not group_velocity:
+            lam, u = torch.linalg.eigvalsh(mat)[..., :n_bands], None  # (b, k, nb)
+        else:
+            lam, vec = torch.linalg.eigh(mat)
+            lam, u = lam[..., :n_bands], vec[..., :n_bands]  # (b, k, nb), (b, k, P, nb), unit columns
+        f = lam.clamp_min(0).sqrt()
+        freqs[s0:s1, k0:k1] = f
+        if not group_velocity:
+            continue
+        w = u.real**2 + u.imag**2 if u.is_complex() else u**2  # (b, k, P, nb) = |u_G|²
+        if polarization == "tm":
+            # dλ/dk = 2λ Σ_G (k+G) |u_G|² / |k+G|² (from K E = λ [ε] E with u = S E), so df/dk = f Σ_G ...;
+            # u_G = |k+G| E_G vanishes where k+G = 0, where the weight is set to 0 instead of 0/0
+            inv_q2 = torch.where(qnc > 0, 1 / qnc.clamp_min(torch.finfo(real_dtype).tiny) ** 2, 0)  # (k, P)
+            dir_ = qc * inv_q2[..., None]  # (k, P, 2)
+            v = f[..., None] * torch.einsum("bkpn,kpd->bknd", w, dir_)  # (b, k, nb, 2)
+        else:
+            # dM/dk_d = D_d A + A D_d with D_d = diag((k+G)_d): dλ/dk_d = 2 Re(u† D_d A u), df/dk = dλ/dk / 2f
+            au = a_inv[s0:s1, None] @ u  # (b, k, P, nb)
+            proj = (u.conj() * au).real if u.is_complex() else u * au  # (b, k, P, nb)
+            dl = torch.einsum("bkpn,kpd->bknd", proj, qc)  # (b, k, nb, 2) = dλ/dk / 2
+            safe = f > _ZERO_FREQUENCY
+            v = torch.where(safe[..., None], dl / f.clamp_min(_ZERO_FREQUENCY)[..., None], 0)
+        vg[s0:s1, k0:k1] = v.to(real_dtype)
+    return freqs, vg
+
+
 def solve_bands(
     eps: torch.Tensor,
     kpoints: torch.Tensor,
@@ -273,6 +554,8 @@ def solve_bands(
     cutoff_shape: str = DEFAULT_CUTOFF_SHAPE,
     fourier: str = "pixel",
     num_threads: int | None = DEFAULT_NUM_THREADS,
+    eigensolver: str = "auto",
+    real_inversion: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lowest ``n_bands`` band frequencies of a batch of 2D photonic crystals at the given k-points.
 
@@ -292,6 +575,11 @@ def solve_bands(
         fourier: "pixel" or "dft" Fourier coefficients (see :func:`fourier_coefficients`).
         num_threads: CPU threads for the duration of the call (DEFAULT_NUM_THREADS); None = torch's setting.
             Ignored on other devices.
+        eigensolver: "lapack" (CPU only: LAPACK's MRRR ?heevr / ?syevr for the lowest n_bands eigenpairs only,
+            one matrix at a time), "torch" (batched ``torch.linalg.eigh`` / ``eigvalsh``, all eigenpairs; any
+            device) or "auto" (DEFAULT: "lapack" on CPU when eigenvectors are needed, else "torch").
+        real_inversion: solve cells with an inversion centre (detected exactly, :func:`cell_symmetries`) as real
+            symmetric problems (Fourier origin at the centre, where [ε] is real; float32 for complex64).
 
     Returns:
         freqs (B, K, n_bands) in units of ωa/2πc, float32 for complex64 / float64 for complex128, ascending per
@@ -313,12 +601,16 @@ def solve_bands(
                 cutoff_shape,
                 fourier,
                 num_threads=None,
+                eigensolver=eigensolver,
+                real_inversion=real_inversion,
             )
     polarization = polarization.lower()
     if polarization not in POLARIZATIONS:
         raise ValueError(f"polarization={polarization!r}: expected one of {POLARIZATIONS}")
     if dtype not in (torch.complex64, torch.complex128):
         raise ValueError(f"dtype={dtype}: expected torch.complex64 or torch.complex128")
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f"eigensolver={eigensolver!r}: expected one of {EIGENSOLVERS}")
     squeeze = eps.ndim == 2
     if squeeze:
         eps = eps[None]
@@ -330,6 +622,10 @@ def solve_bands(
     if kpoints.ndim != 2 or kpoints.shape[1] != 2:
         raise ValueError(f"kpoints must have shape (K, 2), got {tuple(kpoints.shape)}")
     device = eps.device
+    if eigensolver == "auto":
+        eigensolver = "lapack" if device.type == "cpu" and group_velocity and lapack_available() else "torch"
+    if eigensolver == "lapack" and device.type != "cpu":
+        raise ValueError(f"eigensolver='lapack' runs on CPU only, eps is on {device}")
     real_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
     gvecs = plane_waves(cutoff, cutoff_shape).to(device)  # (P, 2)
     n_pw = gvecs.shape[0]
@@ -337,47 +633,29 @@ def solve_bands(
         raise ValueError(f"n_bands={n_bands!r}: must be in [1, {n_pw}] for {n_pw} plane waves (cutoff {cutoff})")
     B, K = eps.shape[0], kpoints.shape[0]
 
-    a_inv = inverse_epsilon_matrix(eps, gvecs, fourier).to(dtype)  # (B, P, P), once per structure
     # k-points padded (repeating the last one) to a multiple of _ALIGN_K; the padding is discarded
     k_pad = -(-K // _ALIGN_K) * _ALIGN_K
     kk = kpoints.to(device=device, dtype=torch.float64)
     kk = torch.cat([kk, kk[-1:].expand(k_pad - K, 2)]) if k_pad > K else kk
     q = (kk[:, None, :] + gvecs[None].to(torch.float64)).to(real_dtype)  # (Kp, P, 2) = k + G
-    qn = q.norm(dim=-1)  # (Kp, P) = |k+G|
 
+    centres = inversion_centres(eps) if real_inversion else torch.full((B, 2), float("nan"), dtype=torch.float64)
+    is_real = ~centres[:, 0].isnan()
     freqs = torch.empty(B, k_pad, n_bands, dtype=real_dtype, device=device)
     vg = torch.empty(B, k_pad, n_bands, 2, dtype=real_dtype, device=device) if group_velocity else None
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for s0, s1, k0, k1 in _chunks(B, k_pad, n_pw * n_pw * itemsize, memory_budget):
-        a = a_inv[s0:s1, None]  # (b, 1, P, P)
-        qc, qnc = q[k0:k1], qn[k0:k1]  # (k, P, 2), (k, P)
-        if polarization == "tm":
-            mat = a * (qnc[:, :, None] * qnc[:, None, :])  # (b, k, P, P) = S A S
-        else:
-            mat = a * (qc @ qc.transpose(-1, -2))  # (b, k, P, P) = [(k+G)·(k+G')] ∘ A
-        if not group_velocity:
-            lam = torch.linalg.eigvalsh(mat)[..., :n_bands]  # (b, k, nb)
-            freqs[s0:s1, k0:k1] = lam.clamp_min(0).sqrt()
+    for real in (False, True):
+        idx = (is_real == real).nonzero()[:, 0]
+        if len(idx) == 0:
             continue
-        lam, vec = torch.linalg.eigh(mat)
-        lam, u = lam[..., :n_bands], vec[..., :n_bands]  # (b, k, nb), (b, k, P, nb), unit columns
-        f = lam.clamp_min(0).sqrt()
-        freqs[s0:s1, k0:k1] = f
-        w = u.real**2 + u.imag**2  # (b, k, P, nb) = |u_G|²
-        if polarization == "tm":
-            # dλ/dk = 2λ Σ_G (k+G) |u_G|² / |k+G|² (from K E = λ [ε] E with u = S E), so df/dk = f Σ_G ...;
-            # u_G = |k+G| E_G vanishes where k+G = 0, where the weight is set to 0 instead of 0/0
-            inv_q2 = torch.where(qnc > 0, 1 / qnc.clamp_min(torch.finfo(real_dtype).tiny) ** 2, 0)  # (k, P)
-            dir_ = qc * inv_q2[..., None]  # (k, P, 2)
-            v = f[..., None] * torch.einsum("bkpn,kpd->bknd", w, dir_)  # (b, k, nb, 2)
+        sub = eps[idx.to(device)]
+        if real:  # [ε] real symmetric about the inversion centre; float32 / float64 real eigenproblems
+            a_inv = inverse_epsilon_matrix(sub, gvecs, fourier, centres[idx].to(device), real=True).to(real_dtype)
         else:
-            # dM/dk_d = D_d A + A D_d with D_d = diag((k+G)_d): dλ/dk_d = 2 Re(u† D_d A u), df/dk = dλ/dk / 2f
-            au = a_inv[s0:s1, None] @ u  # (b, k, P, nb)
-            proj = (u.conj() * au).real  # (b, k, P, nb)
-            dl = torch.einsum("bkpn,kpd->bknd", proj, qc)  # (b, k, nb, 2) = dλ/dk / 2
-            safe = f > _ZERO_FREQUENCY
-            v = torch.where(safe[..., None], dl / f.clamp_min(_ZERO_FREQUENCY)[..., None], 0)
-        vg[s0:s1, k0:k1] = v.to(real_dtype)
+            a_inv = inverse_epsilon_matrix(sub, gvecs, fourier).to(dtype)  # (b, P, P), once per structure
+        f, v = _solve_group(a_inv, q, n_bands, polarization, group_velocity, memory_budget, eigensolver, real_dtype)
+        freqs[idx.to(device)] = f
+        if group_velocity:
+            vg[idx.to(device)] = v
 
     freqs = freqs[:, :K]
     if squeeze:

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from essl.photonics import pwe
 
 C128 = torch.complex128
@@ -232,3 +233,65 @@ def test_legume_identical_coefficients(pol):
     solver = legume_solver_for_map(eps.numpy(), gmax=4)
     solver.run(kpoints=2 * np.pi * k.numpy().T, pol=pol, numeig=8)
     np.testing.assert_allclose(ours, np.asarray(solver.freqs), rtol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------- symmetry, LAPACK
+
+
+def test_cell_symmetries_exact():
+    from essl.photonics import unitcell
+
+    pm = torch.from_numpy(unitcell.generate_cells("levelset", 3, seed=5))  # one mirror x -> -x
+    p4m = torch.from_numpy(unitcell.generate_cells("levelset", 2, seed=5, symmetry="p4m"))
+    p1 = torch.from_numpy(unitcell.generate_cells("blob", 3, seed=5))
+    found = pwe.cell_symmetries(torch.cat([pm, p4m, p1]))
+    assert [set(s) for s in found[:3]] == [{"mx"}] * 3
+    assert all(set(s) == set(pwe.POINT_OPS) for s in found[3:5])
+    assert all(s == {} for s in found[5:])
+    # found after any periodic shift / rotation (the mirror of a rotated pm cell is "my"), and never for a cell
+    # that breaks the symmetry by one pixel
+    moved = torch.rot90(torch.roll(pm, (7, 13), dims=(-2, -1)), 1, dims=(-2, -1))
+    assert [set(s) for s in pwe.cell_symmetries(moved)] == [{"my"}] * 3
+    broken = pm.clone()
+    broken[:, 3, 4] += 0.5
+    assert all(s == {} for s in pwe.cell_symmetries(broken))
+    centres = pwe.inversion_centres(torch.cat([pm, p4m]))
+    assert centres[:3].isnan().all() and not centres[3:].isnan().any()
+
+
+@pytest.mark.parametrize("ops", [(), ("mx",), ("d",), ("mx", "my", "c2", "d", "ad", "c4", "c4i")])
+@pytest.mark.parametrize("n", [6, 7])
+def test_irreducible_kgrid(ops, n):
+    k_half, w_half = pwe.kgrid(n)
+    k, w, index = pwe.irreducible_kgrid(n, ops)
+    assert math.isclose(w.sum().item(), 1.0)
+    if not ops:
+        assert torch.equal(k, k_half) and torch.equal(w, w_half) and torch.equal(index, torch.arange(len(k_half)))
+    # every half-grid point maps to a representative that is its image under an operation of the group or −1
+    mats = [torch.tensor(pwe._POINT_OP_MATRICES[o], dtype=torch.float64) for o in ops] + [torch.eye(2).double()]
+    for kp, i in zip(k_half, index, strict=True):
+        images = [m @ kp for m in mats] + [-(m @ kp) for m in mats]
+        assert any(torch.allclose(im, k[i]) for im in images)
+    # weights: the number of full-grid points each representative stands for
+    counts = torch.bincount(index, weights=w_half, minlength=len(k))
+    torch.testing.assert_close(counts, w)
+
+
+def test_lapack_subset_and_real_inversion_match_torch():
+    from essl.photonics import unitcell
+
+    cells = torch.cat(
+        [
+            torch.from_numpy(unitcell.generate_cells("levelset", 2, seed=6, symmetry="p4m")),  # inversion: real path
+            torch.from_numpy(unitcell.generate_cells("blob", 2, seed=6)),
+        ]
+    )
+    k, _ = pwe.kgrid(6)
+    for pol in ("tm", "te"):
+        ref, v_ref = pwe.solve_bands(cells.double(), k, 8, pol, 4, True, dtype=C128, eigensolver="torch", real_inversion=False)
+        for dtype, tol in ((torch.complex64, 1e-5), (C128, 1e-10)):
+            f, v = pwe.solve_bands(cells, k, 8, pol, 4, True, dtype=dtype, eigensolver="lapack")
+            assert ((f.double() - ref).abs() / ref).max() < tol, (pol, dtype)
+            assert (v.double() - v_ref).abs().max() < 1e3 * tol, (pol, dtype)
+    with pytest.raises(ValueError, match="eigensolver"):
+        pwe.solve_bands(cells, k, eigensolver="magma")
