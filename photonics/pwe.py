@@ -372,7 +372,7 @@ def irreducible_kgrid(
     gmats = torch.tensor(sorted(group), dtype=torch.long).reshape(-1, 2, 2)  # (|G|, 2, 2)
     # integer coordinates u = 2 i − (n − 1) of the grid, k = u / 2n (exact under every operation)
     u = torch.round(k_half * 2 * n).long()  # (K, 2)
-    key = lambda v: ((v[..., 1] + n) * (2 * n + 1) + (v[..., 0] + n))  # noqa: E731
+    key = lambda v: (v[..., 1] + n) * (2 * n + 1) + (v[..., 0] + n)  # noqa: E731
     half_index = {int(kk): i for i, kk in enumerate(key(u).tolist())}
     images = torch.einsum("gij,kj->kgi", gmats, u)  # (K, |G|, 2)
     rep = torch.empty(len(u), dtype=torch.long)

@@ -288,7 +288,9 @@ def test_lapack_subset_and_real_inversion_match_torch():
     )
     k, _ = pwe.kgrid(6)
     for pol in ("tm", "te"):
-        ref, v_ref = pwe.solve_bands(cells.double(), k, 8, pol, 4, True, dtype=C128, eigensolver="torch", real_inversion=False)
+        ref, v_ref = pwe.solve_bands(
+            cells.double(), k, 8, pol, 4, True, dtype=C128, eigensolver="torch", real_inversion=False
+        )
         for dtype, tol in ((torch.complex64, 1e-5), (C128, 1e-10)):
             f, v = pwe.solve_bands(cells, k, 8, pol, 4, True, dtype=dtype, eigensolver="lapack")
             assert ((f.double() - ref).abs() / ref).max() < tol, (pol, dtype)
