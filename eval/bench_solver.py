@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+
 from essl.photonics import dos, pwe, unitcell
 
 REFERENCE_CUTOFF = 10
@@ -96,6 +97,14 @@ def _threads(n: int):
     return threadpool_limits(n)
 
 
+VARIANTS = {
+    "torch eigh, full k-grid (before)": dict(eigensolver="torch", real_inversion=False, kpoint_symmetry=False),
+    "+ LAPACK subset eigensolver": dict(eigensolver="lapack", real_inversion=False, kpoint_symmetry=False),
+    "+ exact cell symmetry (k-points, real)": dict(eigensolver="auto", real_inversion=True, kpoint_symmetry=True),
+}
+"""Label variants timed side by side (the last one is compute_labels' default)."""
+
+
 def bench_solver(
     n_structures: int = 16,
     kind: str = "levelset",
@@ -108,19 +117,24 @@ def bench_solver(
     threads: int = 1,
     scaling: bool = True,
     tiny: bool = False,
+    variants: bool = True,
 ) -> dict:
     """Measure labelled-generation speed (module docstring). Returns a dict of plain numbers:
 
     ``ours_structs_per_s``, ``ours_bands_only_structs_per_s``, ``legume_structs_per_s``, ``speedup``,
     ``ours_error`` / ``legume_error`` (max relative band error vs the reference), ``legume_gmax``,
     ``n_plane_waves_ours`` / ``n_plane_waves_legume``, ``batch_scaling`` {batch: structs/s} and
-    ``cutoff_scaling`` {n_plane_waves: structs/s}, plus the settings.
+    ``cutoff_scaling`` {n_plane_waves: structs/s}, ``variants`` {name: structs/s} (each speed-up step of
+    :data:`VARIANTS`, timed interleaved with the default and legume), ``n_kpoints_solved`` (k-points actually
+    solved per structure after the symmetry reduction, mean), ``speedup_same_kpoints`` (against legume given the
+    same reduced k-points, its time scaled by the k-point ratio), plus the settings.
     """
     if tiny:
         n_structures, repeats, kgrid = min(n_structures, 2), 1, 4
     cells_np = unitcell.generate_cells(kind, n_structures, seed=0)  # (N, 32, 32) float32
     cells = torch.from_numpy(cells_np).to(device)
     n_k = len(pwe.kgrid(kgrid)[0])
+    solved = [len(pwe.irreducible_kgrid(kgrid, tuple(o))[0]) for o in pwe.cell_symmetries(cells)]
     result: dict = {
         "kind": kind,
         "n_structures": n_structures,
@@ -128,18 +142,24 @@ def bench_solver(
         "threads": threads,
         "kgrid": kgrid,
         "n_kpoints": n_k,
+        "n_kpoints_solved": sum(solved) / len(solved),
         "cutoff": cutoff,
         "n_bands": n_bands,
         "n_plane_waves_ours": pwe.n_plane_waves(cutoff),
     }
     with _threads(threads):
-        label = lambda x: dos.compute_labels(x, kgrid=kgrid, cutoff=cutoff, n_bands=n_bands, num_threads=threads)  # noqa: E731
+
+        def label(x, **kw):
+            return dos.compute_labels(x, kgrid=kgrid, cutoff=cutoff, n_bands=n_bands, num_threads=threads, **kw)
+
         label(cells[:1])  # warm-up
-        t = _median_time(lambda: label(cells), repeats)
-        result["ours_structs_per_s"] = n_structures / t
         kpts, _ = pwe.kgrid(kgrid)
-        t = _median_time(lambda: pwe.solve_bands(cells, kpts, n_bands, cutoff=cutoff, num_threads=threads), repeats)
-        result["ours_bands_only_structs_per_s"] = n_structures / t
+        # every timed job, run round-robin `repeats` times so that load changes on a shared machine hit all alike
+        jobs = {"ours": lambda: label(cells)}
+        jobs["bands"] = lambda: pwe.solve_bands(cells, kpts, n_bands, cutoff=cutoff, num_threads=threads)
+        if variants and device == "cpu":
+            for name, kw in VARIANTS.items():
+                jobs[name] = lambda kw=kw: label(cells, **kw)
 
         if compare_legume:
             # equal accuracy: errors against a converged reference at a few k-points, on the same cells
@@ -173,10 +193,22 @@ def bench_solver(
             )
             cells64 = cells_np.astype(np.float64)
             n_leg = n_structures if not tiny else 1
-            t = _median_time(lambda: _legume_bands(cells64[:n_leg], kpts, chosen, n_bands), repeats)
-            result["legume_structs_per_s"] = n_leg / t
+            jobs["legume"] = lambda: _legume_bands(cells64[:n_leg], kpts, chosen, n_bands)
+
+        times: dict[str, list[float]] = {name: [] for name in jobs}
+        for _ in range(repeats):
+            for name, fn in jobs.items():
+                times[name].append(_median_time(fn, 1))
+        t = {name: statistics.median(v) for name, v in times.items()}
+        result["ours_structs_per_s"] = n_structures / t["ours"]
+        result["ours_bands_only_structs_per_s"] = n_structures / t["bands"]
+        result["variants"] = {name: n_structures / t[name] for name in VARIANTS if name in t}
+        if compare_legume:
+            result["legume_structs_per_s"] = n_leg / t["legume"]
             result["speedup"] = result["ours_structs_per_s"] / result["legume_structs_per_s"]
             result["speedup_bands_only"] = result["ours_bands_only_structs_per_s"] / result["legume_structs_per_s"]
+            # legume handed the same symmetry-reduced k-points: its cost is per k-point (one eigh each)
+            result["speedup_same_kpoints"] = result["speedup"] * result["n_kpoints_solved"] / n_k
 
         if scaling:
             batches = [1, 2] if tiny else sorted({1, 4, n_structures})
@@ -198,23 +230,27 @@ def bench_solver(
 def format_table(r: dict) -> str:
     lines = [
         f"labelled generation, {r['kind']} 32×32, {r['n_bands']} TM bands, {r['n_kpoints']} k-points "
-        f"({r['kgrid']}×{r['kgrid']} grid, time reversal), {r['device']}, {r['threads']} thread(s), "
-        f"{r['n_structures']} structures",
+        f"({r['kgrid']}×{r['kgrid']} grid, time reversal; {r['n_kpoints_solved']:.0f} solved per structure after the "
+        f"cell-symmetry reduction), {r['device']}, {r['threads']} thread(s), {r['n_structures']} structures",
         "",
         "| solver | plane waves | max band error | structures/s |",
         "|---|---|---|---|",
         f"| essl pwe + GGR DOS (labels) | {r['n_plane_waves_ours']} (|G| ≤ {r['cutoff']}) | "
         f"{r.get('ours_error', float('nan')):.1e} | {r['ours_structs_per_s']:.2f} |",
-        f"| essl pwe, bands only | {r['n_plane_waves_ours']} | | {r['ours_bands_only_structs_per_s']:.2f} |",
+        f"| essl pwe, bands only (full half grid) | {r['n_plane_waves_ours']} | | "
+        f"{r['ours_bands_only_structs_per_s']:.2f} |",
     ]
+    for name, v in r.get("variants", {}).items():
+        lines.append(f"| labels: {name} | {r['n_plane_waves_ours']} | | {v:.2f} |")
     if "legume_structs_per_s" in r:
         lines.append(
-            f"| legume-gme PlaneWaveExp, bands only | {r['n_plane_waves_legume']} (|g_i| ≤ {r['legume_gmax']}) | "
-            f"{r['legume_error']:.1e} | {r['legume_structs_per_s']:.2f} |"
+            f"| legume-gme PlaneWaveExp, bands only ({r['n_kpoints']} k) | {r['n_plane_waves_legume']} "
+            f"(|g_i| ≤ {r['legume_gmax']}) | {r['legume_error']:.1e} | {r['legume_structs_per_s']:.2f} |"
         )
         lines.append("")
         lines.append(
-            f"speed-up (labels vs legume bands): {r['speedup']:.1f}×; bands vs bands: {r['speedup_bands_only']:.1f}×"
+            f"speed-up (labels vs legume bands): {r['speedup']:.1f}×; bands vs bands: {r['speedup_bands_only']:.1f}×;"
+            f" vs legume given the same symmetry-reduced k-points: {r['speedup_same_kpoints']:.1f}×"
         )
     if "batch_scaling" in r:
         lines.append("")
@@ -234,9 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-legume", action="store_true")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--no-scaling", action="store_true")
     args = ap.parse_args(argv)
     r = bench_solver(
-        args.n, args.kind, args.device, not args.no_legume, args.repeats, threads=args.threads, tiny=args.tiny
+        args.n,
+        args.kind,
+        args.device,
+        not args.no_legume,
+        args.repeats,
+        threads=args.threads,
+        tiny=args.tiny,
+        scaling=not args.no_scaling,
     )
     print(format_table(r))
 

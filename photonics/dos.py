@@ -227,10 +227,12 @@ def label_settings(
     dtype: torch.dtype = pwe.DEFAULT_DTYPE,
     num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
     kpoint_symmetry: bool = True,
+    eigensolver: str = "auto",
+    real_inversion: bool = True,
 ) -> dict:
     """Plain JSON-able solver + DOS settings of :func:`compute_labels` (stored as HDF5 attributes, compared on
     resume). ``memory_budget`` and ``num_threads`` only change speed, not results, and are not included."""
-    del memory_budget, num_threads
+    del memory_budget, num_threads, real_inversion
     method = _check_method(method)
     sigma = DEFAULT_SIGMA[method] if sigma is None else float(sigma)
     settings = {
@@ -245,7 +247,7 @@ def label_settings(
         "kgrid": int(kgrid),
         "time_reversal": True,
         "kpoint_symmetry": "exact point group of each cell" if kpoint_symmetry else "none",
-        "eigensolver": "lapack ?heevr subset + Rayleigh quotient (cpu), torch eigh (other devices)",
+        "eigensolver": eigensolver,
         "dos_method": method,
         "freq_rescale": "sqrt(eps_avg)",
         "n_freq": N_FREQ,
@@ -270,6 +272,8 @@ def compute_labels(
     dtype: torch.dtype = pwe.DEFAULT_DTYPE,
     num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
     kpoint_symmetry: bool = True,
+    eigensolver: str = "auto",
+    real_inversion: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Bands, DOS and regression target of a batch of unit cells: THE labelling entry point of the datasets.
 
@@ -287,6 +291,7 @@ def compute_labels(
             2× fewer for a mirror (pm level sets), 3.6× for C4v (p4m, rods); p1 cells (blobs) are unchanged. The
             result equals the unreduced one up to rounding (~1e-6 relative); the returned bands are still given on
             every point of the half grid (copied from the representatives).
+        eigensolver, real_inversion: passed to :func:`essl.photonics.pwe.solve_bands` (speed; rounding only).
 
     Returns:
         dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points
@@ -317,7 +322,13 @@ def compute_labels(
             kpts, weights = kpts.to(eps.device), weights.to(eps.device)
             sub = eps[idx]
             scale = eps_avg[idx].sqrt()[:, None, None]  # (b, 1, 1)
-            common = dict(memory_budget=memory_budget, dtype=dtype, num_threads=num_threads)
+            common = dict(
+                memory_budget=memory_budget,
+                dtype=dtype,
+                num_threads=num_threads,
+                eigensolver=eigensolver,
+                real_inversion=real_inversion,
+            )
             if method == "ggr":
                 fg, v = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, group_velocity=True, **common)
                 dos[idx] = dos_ggr(fg * scale, v * scale[..., None], weights, omega, cell=1.0 / kgrid, sigma=sigma)
