@@ -1,0 +1,235 @@
+"""Bad input at the CLI (issue 6): every case exits 2 with exactly one stderr line naming the problem (the file,
+key or value) and no traceback; ``--debug`` raises instead.
+
+The cases are a table; each builds its argv (and any bad file) under ``tmp_path``. Everything runs in-process
+through :func:`essl.cli.main`, except one case that is also run as a real ``essl`` subprocess, to see every
+line the process writes (in-process, pytest intercepts warnings and Lightning's log handler).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from essl.cli import main
+from essl.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMCLR = str(ROOT / "configs/digits/simclr.yaml")
+E_SIMCLR = str(ROOT / "configs/digits/e-simclr.yaml")
+PHC_SIMCLR = str(ROOT / "configs/photonics/levelset_simclr.yaml")
+TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.batch_size=8", "progress=false",
+        "backbone.kwargs.width=8", "method.hidden_dim=32"]
+HAS_PHC_REGRESSION = importlib.util.find_spec("essl.eval.phc_regression") is not None
+N_MAPS = 4
+MAP_SIDE = 32
+N_BANDS, N_K = 10, 3
+DOS_POINTS, TARGET_POINTS = 500, 400
+
+
+# ---- bad files ------------------------------------------------------------------------------------------------
+def _h5(path: Path, **datasets: np.ndarray) -> Path:
+    with h5py.File(path, "w") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value)
+    return path
+
+
+def _maps(n: int = N_MAPS, side: int = MAP_SIDE) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (1.0 + 19.0 * rng.random((n, side, side))).astype(np.float32)
+
+
+def _labelled(n: int = N_MAPS) -> dict[str, np.ndarray]:
+    """A labelled photonic-crystal file's datasets (``essl phc generate --labels`` layout), all valid."""
+    eps = _maps(n)
+    return {
+        "eps": eps,
+        "eps_avg": eps.mean(axis=(1, 2)),
+        "bands": np.ones((n, N_K, N_BANDS), np.float32),
+        "dos": np.ones((n, DOS_POINTS), np.float32),
+        "target": np.zeros((n, TARGET_POINTS), np.float32),
+    }
+
+
+def _with_nan(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flat[a.size // 2] = np.nan
+    return a
+
+
+def _digits_run(tmp: Path, config: str = SIMCLR) -> list[str]:
+    return ["pretrain", config, f"output_dir={tmp / 'run'}", *TINY]
+
+
+def _phc_run(tmp: Path, data_path: Path | str, *extra: str) -> list[str]:
+    return ["pretrain", PHC_SIMCLR, f"output_dir={tmp / 'run'}", f"data.path={data_path}", "data.batch_size=2",
+            "progress=false", "backbone.kwargs.width=0.125", "method.hidden_dim=32", *extra]
+
+
+def _regress(tmp: Path, train: Path) -> list[str]:
+    test = _h5(tmp / "test.h5", **_labelled())
+    return ["phc", "regress", "none", "--train", str(train), "--test", str(test), "--n-labels", "2",
+            "--seeds", "1", "--no-progress"]
+
+
+def _malformed_yaml(tmp: Path) -> list[str]:
+    bad = tmp / "malformed.yaml"
+    bad.write_text("data:\n  batch_size: [1,\n")
+    return ["pretrain", str(bad)]
+
+
+def _file_unknown_key(tmp: Path) -> list[str]:
+    cfg = tmp / "typo.yaml"
+    cfg.write_text("trainer:\n  max_epoch: 3\n")
+    return ["pretrain", str(cfg), f"output_dir={tmp / 'run'}"]
+
+
+def _file_wrong_type(tmp: Path) -> list[str]:
+    cfg = tmp / "wrongtype.yaml"
+    cfg.write_text("data:\n  batch_size: many\n")
+    return ["pretrain", str(cfg), f"output_dir={tmp / 'run'}"]
+
+
+def _empty_folder(tmp: Path) -> list[str]:
+    (tmp / "imgs" / "cat").mkdir(parents=True)
+    (tmp / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    return [*_digits_run(tmp), "data.name=folder", f"data.path={tmp / 'imgs'}"]
+
+
+def _encoder_file(tmp: Path, make: Callable[[Path], None]) -> list[str]:
+    path = tmp / "encoder.pt"
+    make(path)
+    return ["probe", str(path), "--seeds", "1", "--no-progress"]
+
+
+def _foreign_pt(path: Path) -> None:
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)  # a plain state_dict, not an essl encoder file
+
+
+def _truncated_pt(path: Path) -> None:
+    torch.save({"state_dict": {"w": torch.randn(64, 64)}, "backbone": {"name": "small_cnn"}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: Callable[[Path], list[str]]
+    needles: tuple[str, ...]  # each must appear in the one stderr line ("{tmp}" stands for tmp_path)
+    regression: bool = False  # needs essl.eval.phc_regression
+
+
+CASES = [
+    Case("malformed yaml", _malformed_yaml, ("malformed.yaml", "line 3")),
+    Case("unknown key in file", _file_unknown_key, ("trainer.max_epoch",)),
+    Case("unknown key override", lambda t: [*_digits_run(t), "optimm.lr=1"], ("optimm",)),
+    Case("unknown nested key override", lambda t: [*_digits_run(t), "trainer.max_epoch=1"],
+         ("trainer.max_epoch",)),
+    Case("wrong type in file", _file_wrong_type, ("data.batch_size", "many")),
+    Case("wrong type override", lambda t: [*_digits_run(t), "trainer.max_epochs=lots"],
+         ("trainer.max_epochs", "lots")),
+    Case("wrong bool override", lambda t: [*_digits_run(t), "resume=maybe"], ("resume", "maybe")),
+    Case("bad choice override", lambda t: [*_digits_run(t), "method.name=moco"], ("method.name", "moco")),
+    Case("override without =", lambda t: [*_digits_run(t), "trainer.max_epochs"], ("trainer.max_epochs",)),
+    Case("missing config file", lambda t: ["pretrain", str(t / "nope.yaml")], ("{tmp}/nope.yaml",)),
+    Case("missing encoder.pt", lambda t: ["probe", str(t / "absent" / "encoder.pt"), "--no-progress"],
+         ("{tmp}/absent/encoder.pt",)),
+    Case("foreign .pt", lambda t: _encoder_file(t, _foreign_pt), ("{tmp}/encoder.pt", "not an essl encoder")),
+    Case("truncated .pt", lambda t: _encoder_file(t, _truncated_pt), ("{tmp}/encoder.pt",)),
+    Case("garbage .pt", lambda t: _encoder_file(t, lambda p: p.write_bytes(b"\x00garbage" * 100)),
+         ("{tmp}/encoder.pt",)),
+    Case("image size too small for phc_cnn (digits)",
+         lambda t: [*_digits_run(t), "backbone.name=phc_cnn", "backbone.kwargs.width=0.125", "data.image_size=16"],
+         ("16x16", "backbone")),
+    Case("16x16 photonic maps for phc_cnn",
+         lambda t: _phc_run(t, _h5(t / "small.h5", eps=_maps(side=16))), ("16x16", "backbone")),
+    Case("empty dataset folder", _empty_folder, ("{tmp}/imgs", "no images")),
+    Case("missing data folder", lambda t: [*_digits_run(t), "data.name=folder", f"data.path={t / 'no_such_dir'}"],
+         ("{tmp}/no_such_dir",)),
+    Case("missing data path (phc)", lambda t: _phc_run(t, t / "absent.h5"), ("{tmp}/absent.h5",)),
+    Case("phc without data.path", lambda t: _phc_run(t, "null"), ("data.path",)),
+    Case("not an HDF5 file", lambda t: _phc_run(t, _write(t / "fake.h5", b"plain text")),
+         ("{tmp}/fake.h5", "not an HDF5")),
+    Case("HDF5 wrong shape", lambda t: _phc_run(t, _h5(t / "shape.h5", eps=_maps()[:, :, :16])),
+         ("{tmp}/shape.h5", "eps", "shape")),
+    Case("HDF5 1-d eps", lambda t: _phc_run(t, _h5(t / "flat.h5", eps=_maps().reshape(-1))),
+         ("{tmp}/flat.h5", "eps", "shape")),
+    Case("HDF5 with NaN", lambda t: _phc_run(t, _h5(t / "nan.h5", eps=_with_nan(_maps()))),
+         ("{tmp}/nan.h5", "NaN")),
+    Case("HDF5 missing dataset", lambda t: _phc_run(t, _h5(t / "noeps.h5", maps=_maps())),
+         ("{tmp}/noeps.h5", "eps")),
+    Case("phc regress: target wrong shape",
+         lambda t: _regress(t, _h5(t / "train.h5", **(_labelled() | {"target": np.zeros((N_MAPS, 7), np.float32)}))),
+         ("{tmp}/train.h5", "target", "shape"), regression=True),
+    Case("phc regress: NaN target",
+         lambda t: _regress(t, _h5(t / "train.h5", **(_labelled() | {"target": _with_nan(_labelled()["target"])}))),
+         ("{tmp}/train.h5", "target", "NaN"), regression=True),
+    Case("phc regress: missing target",
+         lambda t: _regress(t, _h5(t / "train.h5", **{k: v for k, v in _labelled().items() if k != "target"})),
+         ("{tmp}/train.h5", "target"), regression=True),
+    Case("phc regress: missing train file", lambda t: _regress(t, t / "absent.h5"), ("{tmp}/absent.h5",),
+         regression=True),
+]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _check_one_line(err: str, needles: tuple[str, ...], tmp: Path) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith("essl: error: "), line
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle.replace("{tmp}", str(tmp)) in line, f"{needle!r} not in {line!r}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+    if case.regression and not HAS_PHC_REGRESSION:
+        pytest.skip("essl.eval.phc_regression is not there")
+    argv = case.argv(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    _check_one_line(captured.err, case.needles, tmp_path)
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+    assert not (tmp_path / "run" / "encoder.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["unknown key override", "foreign .pt", "HDF5 with NaN"])
+def test_debug_shows_the_traceback(name, tmp_path):
+    case = next(c for c in CASES if c.name == name)
+    argv = case.argv(tmp_path)
+    with pytest.raises(UserError) as info:
+        main(["--debug", *argv])
+    assert info.traceback  # the exception propagates with its traceback instead of a one-liner
+    for needle in case.needles:
+        assert needle.replace("{tmp}", str(tmp_path)) in str(info.value)
+
+
+def test_bad_input_subprocess_prints_exactly_one_line(tmp_path):
+    """The real console process: nothing else (warnings, Lightning banners) reaches stderr, no traceback."""
+    case = next(c for c in CASES if c.name == "16x16 photonic maps for phc_cnn")  # reaches the Trainer
+    argv = case.argv(tmp_path)
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    proc = subprocess.run([sys.executable, "-m", "essl.cli", *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    _check_one_line(proc.stderr, case.needles, tmp_path)
+    assert proc.stdout == ""
