@@ -110,6 +110,8 @@ def check_input_size(backbone: nn.Module, channels: int, size: int) -> None:
         with torch.no_grad():
             backbone(torch.zeros(1, channels, size, size))
     except RuntimeError as err:
-        raise UserError(f"image size {size}x{size} with {channels} channels does not fit the backbone: {err}") from None
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"image size {size}x{size} ({channels} channels; data.image_size or equivariance.crop_size) "
+                        f"is too small for this backbone: {first}") from None
     finally:
         backbone.train(was_training)

@@ -99,9 +99,8 @@ def read_encoder_file(path: str | os.PathLike, map_location: str | torch.device 
         raise UserError(f"encoder file not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a readable essl encoder file ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
+        raise UserError(f"{path} is not a readable essl encoder file (not a PyTorch file, or truncated)") from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(payload, dict) or k not in payload]
         raise UserError(f"{path} is not an essl encoder file (missing {', '.join(missing)})")

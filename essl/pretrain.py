@@ -133,6 +133,8 @@ def pretrain(cfg: DictConfig) -> Path:
         raise UserError(f"config key 'data.batch_size': {cfg.data.batch_size} exceeds the {n_images} training images")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # temporary files of a killed atomic write
+        stale.unlink(missing_ok=True)
 
     knn = cfg.eval.knn_monitor and data.num_classes > 0 and len(data.x_test) > 0
     t = cfg.trainer
@@ -141,10 +143,12 @@ def pretrain(cfg: DictConfig) -> Path:
         precision = "32-true"  # fp16 autocast needs a GPU; bf16 on CPU is slower than fp32 for these models
         print(f"essl: no GPU, trainer.precision={t.precision} runs as {precision}", file=sys.stderr)
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # one file, last.ckpt, rewritten at every save: a top-1 named "last" (Lightning 2.6
+            # writes save_last=True's file at an epoch end only after a top-k save, never with save_top_k=0)
             dirpath=run_dir,
-            save_last=True,
-            save_top_k=0,
+            filename=Path(CHECKPOINT).stem,
+            save_top_k=1,
+            enable_version_counter=False,
             every_n_train_steps=t.checkpoint_every_n_steps or None,
             save_on_train_epoch_end=True,
         ),

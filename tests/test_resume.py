@@ -141,9 +141,6 @@ def test_kill_and_resume_from_step_checkpoint_matches_uninterrupted(tmp_path, re
     _resume_and_compare(tmp_path / "run", [f"trainer.checkpoint_every_n_steps={BATCHES}"], reference, capsys)
 
 
-@pytest.mark.xfail(strict=True, reason="with trainer.checkpoint_every_n_steps=0, ModelCheckpoint(save_top_k=0, "
-                   "save_last=True) writes last.ckpt only at train end (Lightning 2.6 saves `last` at an epoch end "
-                   "only after a top-k save): a killed run has nothing to resume from")
 def test_kill_and_resume_from_epoch_checkpoint_matches_uninterrupted(tmp_path, reference, capsys):
     """The default: a checkpoint at every epoch end."""
     _resume_and_compare(tmp_path / "run", [], reference, capsys)
