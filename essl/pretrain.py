@@ -8,7 +8,6 @@ contract, :mod:`essl.encoder`).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,9 +25,10 @@ from essl.augment import LatticeViews, ViewMaker, ViewSpec, build_view_pipeline
 from essl.backbones import build_backbone, check_input_size
 from essl.config import LR_REFERENCE_BATCH, to_container
 from essl.data import ImageDataModule, LabelledData, load_labelled
-from essl.encoder import atomic_torch_save, export_encoder
+from essl.encoder import export_encoder
 from essl.equivariance import EquivarianceBranch
 from essl.errors import UserError
+from essl.io import atomic_torch_save, atomic_write_text
 from essl.methods import build_method
 from essl.module import ESSLModule, OptimSpec
 
@@ -110,10 +110,7 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    text = yaml.safe_dump(to_container(cfg), sort_keys=False)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_container(cfg), sort_keys=False))
 
 
 def _devices(value: str) -> int | str:

@@ -26,13 +26,10 @@ Protocol (what ``essl probe`` reports):
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +40,7 @@ import essl
 from essl.data import load_labelled
 from essl.encoder import random_encoder_like
 from essl.errors import UserError
+from essl.io import atomic_write_json
 from essl.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
 
 from .features import DEFAULT_BATCH_SIZE, default_device, extract_features
@@ -253,23 +251,6 @@ def _data_from_config(spec: dict[str, Any]) -> tuple[str, str | None]:
     return name, path if isinstance(path, str) and path else None
 
 
-def _write_json_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _user_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch.device; an unknown or unavailable device is a UserError."""
     if device is None:
@@ -370,7 +351,7 @@ def run_probe(
         "protocol": protocol_text(seeds, knn_k, knn_t),
     }
     if json_path is not None:
-        _write_json_atomic(result, json_path)
+        atomic_write_json(json_path, result)
     return result
 
 

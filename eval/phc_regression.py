@@ -50,10 +50,8 @@ the paper's own runs train longer on GPUs. Compare encoders under the same setti
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,6 +68,7 @@ import essl
 from essl.backbones import build_backbone, check_input_size
 from essl.encoder import FrozenEncoder
 from essl.errors import UserError
+from essl.io import atomic_write, atomic_write_json
 from essl.photonics import dos as phc_dos
 from essl.photonics.dataset import PhCData, open_dataset
 from essl.transforms import random_shift, transform
@@ -208,32 +207,6 @@ def _user_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device: {device} requested but CUDA is not available")
     return device
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix), then rename it over ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-
-    _atomic_write(path, write)
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -745,7 +718,7 @@ def run_regression(
         preds = {kind: runs[kind][0].figure_pred for kind in kinds}
         save_figure(figure_path, x_test[:n_figure, 0], y_test[:n_figure], preds, mode=mode)
     if json_path is not None:
-        _write_json(result, json_path)
+        atomic_write_json(json_path, result)
     return result
 
 
@@ -804,7 +777,7 @@ def save_figure(path: str | os.PathLike, eps: Tensor, true: Tensor, preds: dict[
         ax_dos.set_ylabel("DOS")
         ax_dos.legend(fontsize="x-small", loc="upper left")
     axes[-1][1].set_xlabel("ω√ε_avg · a/2πc (shaded: scored range)")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
 
 
 def _cell(summary: dict[str, Any]) -> str:
