@@ -615,12 +615,14 @@ def run_bench(
     json_path: str | None = None,
     quick: bool = False,
     repeats: int = DEFAULT_REPEATS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark section(s) ``which`` (``pipeline``, ``train``, ``solver``, ``all`` or ``profile``).
 
     ``device``: ``cpu`` / ``cuda`` (default: cuda if available). Returns a JSON-serialisable dict with
     ``machine``, ``settings`` and one entry per section; with ``json_path`` it is also written there atomically.
-    ``quick`` uses tiny sizes (seconds, for tests; the numbers mean nothing) and one repeat.
+    ``quick`` uses tiny sizes (seconds, for tests; the numbers mean nothing) and one repeat. ``progress`` prints
+    one line per section to stderr.
     """
     sections = _sections(which)
     if repeats < 1:
@@ -640,9 +642,13 @@ def run_bench(
     }
     t_all = time.perf_counter()
     for name in sections:
+        if progress:
+            print(f"essl bench: {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result[name] = runners[name](dev, quick=quick, repeats=repeats)
         result[name]["wall_s"] = time.perf_counter() - t0
+        if progress:
+            print(f"essl bench: {name} done in {result[name]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     result["settings"]["wall_s"] = time.perf_counter() - t_all
     result = _jsonable(result)
     if json_path is not None:
@@ -749,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (tests); numbers not meaningful")
     ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     args = ap.parse_args(argv)
-    result = run_bench(args.which, args.device, args.json_path, args.quick, args.repeats)
+    result = run_bench(args.which, args.device, args.json_path, args.quick, args.repeats, progress=True)
     print(format_bench(result))
     return 0
 
