@@ -39,14 +39,12 @@ Run: ``essl bench [pipeline|train|solver|all] [--device cpu|cuda] [--json PATH] 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import resource
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +57,8 @@ import numpy as np
 import psutil
 import torch
 from torch import Tensor
+
+from essl.io import atomic_write_json
 
 SECTIONS = ("pipeline", "train", "solver")
 CHOICES = (*SECTIONS, "all", "profile")
@@ -228,6 +228,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "kornia": kornia.__version__,
         "device": str(device),
+        # OpenMP spin-waiting threads collapse on a shared CPU (see the profile notes); record the setting
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
@@ -586,21 +589,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sections(which: str) -> tuple[str, ...]:
     if which == "all":
         return SECTIONS
@@ -652,7 +640,7 @@ def run_bench(
     result["settings"]["wall_s"] = time.perf_counter() - t_all
     result = _jsonable(result)
     if json_path is not None:
-        write_json_atomic(result, json_path)
+        atomic_write_json(json_path, result)
     return result
 
 
@@ -667,6 +655,7 @@ def format_bench(result: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu_count']} CPU cores ({m['processor']}), torch {m['torch']}, torchvision "
         f"{m['torchvision']}, kornia {m['kornia']}, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f", OMP_WAIT_POLICY={m.get('omp_wait_policy') or 'unset'}"
         + f"; medians of {result['settings']['repeats']} interleaved repeats"
         + (" — QUICK mode, numbers not meaningful" if result["settings"].get("quick") else ""),
     ]
