@@ -8,6 +8,8 @@ STAMP := $(VENV)/.essl-installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_CONFIG ?= configs/digits/e-simclr.yaml
 DEMO_RUN ?= runs/digits-e-simclr
+# spinning OpenMP threads slow small torch ops badly on a shared CPU (see README, Performance)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test lint clean
 

@@ -8,7 +8,12 @@ traceback instead. This is the one place that wires ``essl.eval`` and ``essl.pho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# OpenMP threads that spin while waiting make small kornia/torch ops up to 15x slower on a shared CPU
+# (measured by `essl bench`); must be set before torch is imported. A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from essl import __version__
 from essl.errors import UserError
@@ -96,7 +101,7 @@ def _cmd_phc_regress(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from essl.eval.bench import format_bench, run_bench
 
-    result = run_bench(args.which, device=args.device, json_path=args.json, quick=args.quick)
+    result = run_bench(args.which, device=args.device, json_path=args.json, quick=args.quick, progress=True)
     print(format_bench(result))
     if args.json:
         print(f"essl: results written to {args.json}")
