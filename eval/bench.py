@@ -47,8 +47,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ import torch
 from torch import Tensor
 
 from essl.io import atomic_write_json
+from essl.runtime import torch_threads
 
 SECTIONS = ("pipeline", "train", "solver")
 CHOICES = (*SECTIONS, "all", "profile")
@@ -193,15 +193,7 @@ class PeakMemory:
         return out
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Temporarily run torch's intra-op pool with ``n`` threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+
 
 
 def _resolve_device(device: str | None) -> torch.device:
@@ -347,7 +339,7 @@ def bench_pipeline(device: torch.device, quick: bool = False, repeats: int = DEF
             essl_inputs(maker, xb, device)
 
     def run_essl_one_thread() -> None:
-        with _torch_threads(1):
+        with torch_threads(1):
             run_essl()
 
     out: dict[str, Any] = {

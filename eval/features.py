@@ -15,16 +15,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from essl.runtime import default_device
+
 #: Images per forward pass.
 DEFAULT_BATCH_SIZE = 256
 
 #: Largest uint8 pixel value: uint8 images are divided by it to land in [0, 1].
 UINT8_MAX = 255.0
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def extract_features(

@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from essl.encoder import random_encoder_like
 from essl.errors import UserError
 from essl.io import atomic_write_json
 from essl.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
+from essl.runtime import resolve_device, torch_threads
 
 from .features import DEFAULT_BATCH_SIZE, default_device, extract_features
 
@@ -81,17 +81,6 @@ def _standardiser(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(std < MIN_STD, torch.ones_like(std), std)
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads (a process-wide torch setting), then restore it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int,
                   init: nn.Linear | None = None) -> nn.Linear:
     """Minimise mean cross-entropy + 0.5·wd·||W||² over a linear layer with full-batch L-BFGS.
@@ -115,7 +104,7 @@ def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, m
         return loss
 
     small = x.device.type == "cpu" and x.numel() < SINGLE_THREAD_MAX_ELEMENTS
-    with torch.enable_grad(), _threads(1 if small else torch.get_num_threads()):
+    with torch.enable_grad(), torch_threads(1 if small else None):
         optimizer.step(closure)
     return linear
 
@@ -251,19 +240,6 @@ def _data_from_config(spec: dict[str, Any]) -> tuple[str, str | None]:
     return name, path if isinstance(path, str) and path else None
 
 
-def _user_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device; an unknown or unavailable device is a UserError."""
-    if device is None:
-        return default_device()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device: unknown device {str(device)!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {device} requested but CUDA is not available")
-    return device
-
-
 def protocol_text(seeds: int, knn_k: int, knn_t: float) -> str:
     """One-paragraph statement of the protocol, stored in the JSON result."""
     grid = ", ".join(f"{wd:g}" for wd in WEIGHT_DECAY_GRID)
@@ -315,7 +291,7 @@ def run_probe(
         raise UserError(f"knn temperature must be > 0, got {knn_t}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    device = _user_device(device)
+    device = resolve_device(device)
 
     encoder = essl.load_encoder(encoder_path)
     config_name, config_path = _data_from_config(encoder.spec)

@@ -53,8 +53,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,8 @@ from essl.errors import UserError
 from essl.io import atomic_write, atomic_write_json
 from essl.photonics import dos as phc_dos
 from essl.photonics.dataset import PhCData, open_dataset
+from essl.runtime import resolve_device, torch_threads
 from essl.transforms import random_shift, transform
-
-from .features import default_device
 
 # ------------------------------------------------------------------------------------------------ settings
 
@@ -183,30 +181,6 @@ class _Standardise(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads (None: unchanged), then restore the previous setting."""
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _user_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return default_device()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device: unknown device {str(device)!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {device} requested but CUDA is not available")
-    return device
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -321,7 +295,7 @@ def train_select(
     ``lr``), cosine decay to zero over all steps, MSE on standardised targets. On the CPU it runs with
     ``num_threads`` intra-op threads (None: torch's setting).
     """
-    with _threads(num_threads if device.type == "cpu" else None):
+    with torch_threads(num_threads if device.type == "cpu" else None):
         return _train_select(model, param_groups, fit, val, scale, epochs=epochs, batch_size=batch_size,
                              weight_decay=weight_decay, augment=augment, generator=generator, device=device)
 
@@ -581,7 +555,7 @@ def run_regression(
     """
     start_time = time.perf_counter()
     _check_args(mode, augment, seeds, epochs, batch_size, lr, val_fraction, weight_decay)
-    device = _user_device(device)
+    device = resolve_device(device)
     if figure_path is not None:
         _figure_format(figure_path)
     train_data, test_data = _load(train, "train"), _load(test, "test")
@@ -610,7 +584,7 @@ def run_regression(
     runs: dict[str, list[_Run]] = {k: [] for k in kinds}
     head_hidden: dict[str, list[int]] = {}
 
-    with _threads(num_threads if device.type == "cpu" else None):
+    with torch_threads(num_threads if device.type == "cpu" else None):
         # frozen mode: test features once, and train features once for every structure any seed labels
         labelled = torch.unique(torch.cat([
             torch.cat([s.fit, s.val]) for s in (label_split(len(x_train), n_labels, val_fraction, seed)

@@ -58,6 +58,8 @@ import math
 import numpy as np
 import torch
 
+from essl.runtime import torch_threads
+
 DEFAULT_CUTOFF = 5
 """Default plane-wave cutoff m: |G| ≤ 5 (units of 2π/a), 81 plane waves. DOS labels (16×16 grid, 8 level-set / 8 blob
 cells) differ from |G| ≤ 7 (149 plane waves) by 0.17% / 0.05% relative L1 (|G| ≤ 4: 0.50% / 0.14%), far below
@@ -399,18 +401,7 @@ def irreducible_kgrid(
 # ----------------------------------------------------------------------------------------------- solver
 
 
-@contextlib.contextmanager
-def cpu_threads(num_threads: int | None):
-    """Temporarily set torch's CPU thread count (None: leave it). Not thread-safe (the setting is global)."""
-    if num_threads is None or num_threads == torch.get_num_threads():
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+cpu_threads = torch_threads  # kept as the solver's public name
 
 
 def _chunks(
