@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -163,9 +164,10 @@ def test_checkpoint_write_killed_midway_keeps_the_previous_file(tmp_path, monkey
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
 
-    def torn_save(obj, fh, *args, **kwargs):
-        fh.write(b"PK\x03\x04 half a zip archive")
-        raise KeyboardInterrupt  # a signal in the middle of the write
+    def torn_save(obj, target, *args, **kwargs):
+        with open(target, "wb") if isinstance(target, (str, Path)) else nullcontext(target) as fh:
+            fh.write(b"PK\x03\x04 half a zip archive")
+            raise KeyboardInterrupt  # a signal in the middle of the write
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(KeyboardInterrupt):
