@@ -102,6 +102,7 @@ class TrainerConfig:
     limit_train_batches: Any = 1.0  # a float is a fraction of the epoch, an int a number of batches
     checkpoint_every_n_steps: int = 0  # 0: a checkpoint at every epoch end only
     deterministic: bool = False
+    channels_last: bool = True  # NHWC memory format for the backbone (faster convolutions on CPU and GPU)
 
 
 @dataclass

@@ -67,6 +67,8 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
     sizes = {data.size} | ({cfg.equivariance.crop_size} if use_eq_crop else set())
     for size in sorted(sizes):
         check_input_size(backbone, data.channels, size)
+    if cfg.trainer.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)  # before BYOL copies it
     method = build_method(cfg.method.name, backbone, feature_dim, **_method_kwargs(cfg))
     a = cfg.augment
     colour = dict(
