@@ -58,6 +58,8 @@ DEFAULT_KGRID = 20
 the default GGR smoothing (σ = 0.006) on 6 level-set + 6 blob cells: relative L1 vs a 40×40 grid 1.2% (level set
 1.0%, blob 1.4%); a 16×16 grid gave 2.0% (blob 2.4%), too close to the 2% requirement."""
 DEFAULT_METHOD = "ggr"
+DEFAULT_BAND_SOLVER = "auto"
+"""Band solver of the labels (:func:`essl.photonics.pwe.solve_bands`' ``solver``)."""
 DEFAULT_SIGMA = {"ggr": 0.006, "gaussian": 0.02}
 """Default width (rescaled frequency units) of the Gaussian that smooths the GGR DOS, or of the Gaussian
 broadening (method="gaussian"); each the smallest that keeps the default k-grid within 2% relative L1 of a grid
@@ -229,10 +231,13 @@ def label_settings(
     kpoint_symmetry: bool = True,
     eigensolver: str = "auto",
     real_inversion: bool = True,
+    band_solver: str = DEFAULT_BAND_SOLVER,
 ) -> dict:
     """Plain JSON-able solver + DOS settings of :func:`compute_labels` (stored as HDF5 attributes, compared on
     resume). ``memory_budget`` and ``num_threads`` only change speed, not results, and are not included."""
     del memory_budget, num_threads, real_inversion
+    if band_solver not in pwe.SOLVERS:
+        raise ValueError(f"band_solver={band_solver!r}: expected one of {pwe.SOLVERS}")
     method = _check_method(method)
     sigma = DEFAULT_SIGMA[method] if sigma is None else float(sigma)
     settings = {
@@ -248,6 +253,7 @@ def label_settings(
         "time_reversal": True,
         "kpoint_symmetry": "exact point group of each cell" if kpoint_symmetry else "none",
         "eigensolver": eigensolver,
+        "band_solver": band_solver,
         "dos_method": method,
         "freq_rescale": "sqrt(eps_avg)",
         "n_freq": N_FREQ,
@@ -274,6 +280,7 @@ def compute_labels(
     kpoint_symmetry: bool = True,
     eigensolver: str = "auto",
     real_inversion: bool = True,
+    band_solver: str = DEFAULT_BAND_SOLVER,
 ) -> dict[str, torch.Tensor]:
     """Bands, DOS and regression target of a batch of unit cells: THE labelling entry point of the datasets.
 
@@ -292,6 +299,10 @@ def compute_labels(
             result equals the unreduced one up to rounding (~1e-6 relative); the returned bands are still given on
             every point of the half grid (copied from the representatives).
         eigensolver, real_inversion: passed to :func:`essl.photonics.pwe.solve_bands` (speed; rounding only).
+        band_solver: :func:`essl.photonics.pwe.solve_bands`' ``solver``: "auto" (DEFAULT: "reduced" for the
+            p1 cells, whose irreducible grid is the whole half grid, else "direct"), "reduced" (Rayleigh–Ritz on
+            patches of the zone with an error estimate, :mod:`essl.photonics.reduced`; TM labels agree with
+            "direct" to ~1e-5 relative L1) or "direct".
 
     Returns:
         dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points
@@ -328,6 +339,7 @@ def compute_labels(
                 num_threads=num_threads,
                 eigensolver=eigensolver,
                 real_inversion=real_inversion,
+                solver=band_solver,
             )
             if method == "ggr":
                 fg, v = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, group_velocity=True, **common)
