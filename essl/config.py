@@ -103,6 +103,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0  # 0: a checkpoint at every epoch end only
     deterministic: bool = False
     channels_last: bool = True  # NHWC memory format for the backbone (faster convolutions on CPU and GPU)
+    compile: bool = False  # torch.compile the backbone's forward in place (opt-in: minutes of compiling first)
 
 
 @dataclass

@@ -70,6 +70,9 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # before BYOL copies it
     method = build_method(cfg.method.name, backbone, feature_dim, **_method_kwargs(cfg))
+    if cfg.trainer.compile:
+        # in place, after BYOL's momentum copy: the state_dict keys (checkpoints, exported encoders) are unchanged
+        backbone.compile()
     a = cfg.augment
     colour = dict(
         hflip_prob=a.hflip_prob,

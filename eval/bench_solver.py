@@ -4,8 +4,9 @@ Protocol (one process, one run, same cells):
 
 * cells: ``n_structures`` 32×32 maps from :mod:`essl.photonics.unitcell` (``kind``, seed 0);
 * ours: :func:`essl.photonics.dos.compute_labels` with its defaults (10 TM bands, circular cutoff |G| ≤ 5 = 81
-  plane waves, complex64, 20×20 k-grid halved by time reversal = 200 k-points, group velocities, GGR DOS, target):
-  the full labelled-generation cost, structures/s;
+  plane waves, complex64, 20×20 k-grid halved by time reversal = 200 k-points, group velocities, GGR DOS, target;
+  the reduced-basis solver, :mod:`essl.photonics.reduced`, for cells with many irreducible k-points): the full
+  labelled-generation cost, structures/s, and how far its labels are from the direct solver's;
 * legume-gme: ``PlaneWaveExp`` (its own matrix assembly, ``numpy.linalg.eigh`` per k-point) on the same cells
   and the same 200 k-points, TM, 10 bands — band solving only, no DOS (so the ratio is conservative). legume is
   given the *same* Fourier coefficients (the exact transform of the pixel map, through a small ``Layer`` subclass),
@@ -107,7 +108,7 @@ VARIANTS = {
     "+ exact cell symmetry (k-points, real)": dict(
         eigensolver="auto", real_inversion=True, kpoint_symmetry=True, band_solver="direct"
     ),
-    "+ reduced basis (Rayleigh-Ritz on patches)": dict(band_solver="reduced"),
+    "+ reduced basis (Rayleigh-Ritz on patches, default)": dict(band_solver="auto"),
 }
 """Label variants timed side by side (the last one is compute_labels' default)."""
 
@@ -131,10 +132,12 @@ def bench_solver(
     ``ours_structs_per_s``, ``ours_bands_only_structs_per_s``, ``legume_structs_per_s``, ``speedup``,
     ``ours_error`` / ``legume_error`` (max relative band error vs the reference), ``legume_gmax``,
     ``n_plane_waves_ours`` / ``n_plane_waves_legume``, ``batch_scaling`` {batch: structs/s} and
-    ``cutoff_scaling`` {n_plane_waves: structs/s}, ``variants`` {name: structs/s} (each speed-up step of
-    :data:`VARIANTS`, timed interleaved with the default and legume), ``n_kpoints_solved`` (k-points actually
-    solved per structure after the symmetry reduction, mean), ``speedup_same_kpoints`` (against legume given the
-    same reduced k-points, its time scaled by the k-point ratio), plus the settings.
+    ``cutoff_scaling`` {n_plane_waves: structs/s}, ``vs_direct_label_rel_l1`` / ``vs_direct_band_rel_max`` /
+    ``vs_direct_band_rel_median`` (the default labels against ``band_solver="direct"``), ``variants``
+    {name: structs/s} (each speed-up step of :data:`VARIANTS`, timed interleaved with the default and legume),
+    ``n_kpoints_solved`` (k-points actually solved per structure after the symmetry reduction, mean),
+    ``speedup_same_kpoints`` (against legume given the same reduced k-points, its time scaled by the k-point
+    ratio), plus the settings.
     """
     if tiny:
         n_structures, repeats, kgrid = min(n_structures, 2), 1, 4
@@ -160,6 +163,12 @@ def bench_solver(
             return dos.compute_labels(x, kgrid=kgrid, cutoff=cutoff, n_bands=n_bands, num_threads=threads, **kw)
 
         label(cells[:1])  # warm-up
+        # what the default (reduced-basis) solver changes against the direct one, on the same cells
+        lab, lab_direct = label(cells), label(cells, band_solver="direct")
+        dev = (lab["bands"] - lab_direct["bands"]).abs() / lab_direct["bands"].clamp_min(1e-3)
+        result["vs_direct_label_rel_l1"] = float(dos.relative_l1(lab["target"], lab_direct["target"]))
+        result["vs_direct_band_rel_max"] = float(dev.max())
+        result["vs_direct_band_rel_median"] = float(dev.median())
         kpts, _ = pwe.kgrid(kgrid)
         # every timed job, run round-robin `repeats` times so that load changes on a shared machine hit all alike
         jobs = {"ours": lambda: label(cells)}
@@ -258,6 +267,14 @@ def format_table(r: dict) -> str:
         lines.append(
             f"speed-up (labels vs legume bands): {r['speedup']:.1f}×; bands vs bands: {r['speedup_bands_only']:.1f}×;"
             f" vs legume given the same symmetry-reduced k-points: {r['speedup_same_kpoints']:.1f}×"
+        )
+    if "vs_direct_label_rel_l1" in r:
+        lines.append("")
+        lines.append(
+            "default labels vs the direct solver on the same cells: target relative L1 "
+            f"{r['vs_direct_label_rel_l1']:.1e};"
+            f" band deviation median {r['vs_direct_band_rel_median']:.1e}, max {r['vs_direct_band_rel_max']:.1e}"
+            " (relative, frequencies below 1e-3 counted absolutely)"
         )
     if "batch_scaling" in r:
         lines.append("")

@@ -299,10 +299,10 @@ def compute_labels(
             result equals the unreduced one up to rounding (~1e-6 relative); the returned bands are still given on
             every point of the half grid (copied from the representatives).
         eigensolver, real_inversion: passed to :func:`essl.photonics.pwe.solve_bands` (speed; rounding only).
-        band_solver: :func:`essl.photonics.pwe.solve_bands`' ``solver``: "auto" (DEFAULT: "reduced" for the
-            p1 cells, whose irreducible grid is the whole half grid, else "direct"), "reduced" (Rayleigh–Ritz on
-            patches of the zone with an error estimate, :mod:`essl.photonics.reduced`; TM labels agree with
-            "direct" to ~1e-5 relative L1) or "direct".
+        band_solver: :func:`essl.photonics.pwe.solve_bands`' ``solver``: "auto" (DEFAULT: "reduced" for cells
+            with at least pwe.REDUCED_MIN_KPOINTS irreducible k-points, i.e. p1 and pm on the default grid),
+            "reduced" (Rayleigh–Ritz on patches of the zone with an error estimate, :mod:`essl.photonics.reduced`;
+            TM labels agree with "direct" to ~1e-5 relative L1) or "direct".
 
     Returns:
         dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points

@@ -81,3 +81,22 @@ def test_photonics_config_runs_one_step(path, phc_file, tmp_path):
     assert cfg.equivariance.weight in (0.0, 5.0)
     payload = torch.load(pretrain(cfg), weights_only=True)
     assert payload["input"] == {"channels": 1, "size": 32, "mean": [1.0], "std": [19.0]}
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_trainer_compile_compiles_the_online_backbone_in_place(compile_):
+    """Opt-in torch.compile: the online backbone's forward is compiled in place (compilation itself is lazy, on
+    the first call), BYOL's momentum copy is made before it, and the parameter names that checkpoints and exported
+    encoders rely on do not change."""
+    from essl.data import LabelledData
+    from essl.pretrain import build_module
+
+    cfg = load_config(ROOT / "configs" / "digits" / "e-byol.yaml", TINY + [f"trainer.compile={compile_}"])
+    x = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.long)
+    data = LabelledData("tiny", x, y, x, y, 10, mean=(0.5,), std=(0.25,))
+    module, _ = build_module(cfg, data, 8)
+    plain, _ = build_module(load_config(ROOT / "configs" / "digits" / "e-byol.yaml", TINY), data, 8)
+    assert (module.backbone._compiled_call_impl is not None) == compile_
+    assert module.method.target_backbone._compiled_call_impl is None
+    assert list(module.state_dict()) == list(plain.state_dict())
