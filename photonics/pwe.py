@@ -85,8 +85,8 @@ EIGENSOLVERS = ("auto", "lapack", "torch")
 SOLVERS = ("auto", "direct", "reduced")
 REDUCED_MIN_KPOINTS = 64
 """solver="auto" uses the reduced basis from this many k-points per structure on: on the default 20×20 DOS grid the
-p1 cells (200 irreducible k-points) and the pm ones (100), where it made TM labels ~2.2–2.5× faster than the
-direct solver (measured side by side, 8 blob and 8 level-set cells); p4m cells (55 k-points, real symmetric
+p1 cells (200 irreducible k-points) and the pm ones (100), where it made TM labels ~2.1–2.5× faster than the
+direct solver (measured side by side, 12 blob and 12 level-set cells); p4m cells (55 k-points, real symmetric
 problems) stay direct."""
 
 _ALIGN_K = 8

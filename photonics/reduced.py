@@ -32,9 +32,9 @@ import torch
 
 DEFAULT_PATCHES = 4
 """Patches per direction of the zone [-½, ½]²: 0.25 × 0.25 patches, 25 points each of a 20×20 grid."""
-DEFAULT_SEED_BANDS = 14
+DEFAULT_SEED_BANDS = 12
 """Eigenvectors kept at every seed k-point (at least n_bands + 2)."""
-DEFAULT_BASIS_SIZE = 32
+DEFAULT_BASIS_SIZE = 28
 """Directions kept per patch out of 4 × seed_bands."""
 DEFAULT_RESIDUAL_TOL = 1e-2
 """Relative residual above which a k-point is re-solved with the full matrix."""
