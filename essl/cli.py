@@ -90,6 +90,8 @@ def _cmd_phc_regress(args: argparse.Namespace) -> int:
         json_path=args.json,
         figure_path=args.figure,
         progress=not args.no_progress,
+        with_scratch=not args.no_scratch,
+        **{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay") if getattr(args, k) is not None},
     )
     print(format_regression_table(result))
     for label, path in (("results", args.json), ("figure", args.figure)):
@@ -150,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--seeds", type=int, default=3)
     reg.add_argument("--augment", default="none",
                      help="lattice augmentations while training: none, c4v, flips, shifts, c4v+shifts, flips+shifts")
+    for flag, kind, what in (("--epochs", int, "training epochs"), ("--batch-size", int, "training batch size"),
+                             ("--lr", float, "Adam learning rate"), ("--weight-decay", float, "Adam weight decay")):
+        reg.add_argument(flag, type=kind, default=None, help=f"{what} (default: the protocol's, see the README)")
+    reg.add_argument("--no-scratch", action="store_true",
+                     help="skip the from-scratch baseline (it depends only on the data, labels and settings)")
     reg.add_argument("--json", default=None, metavar="PATH")
     reg.add_argument("--figure", default=None, metavar="PATH", help="predicted vs true DOS figure (PNG)")
     reg.add_argument("--device", default=None)

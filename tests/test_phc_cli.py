@@ -54,3 +54,13 @@ def test_generate_pretrain_regress_end_to_end(tmp_path, capsys):
         assert 0.0 < entry["mean"] < 10.0 and len(entry["per_seed"]) == 1
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scratch" in capsys.readouterr().out.lower()
+    # optimisation flags reach the protocol; --no-scratch skips the baseline
+    assert main(["phc", "regress", str(run / "encoder.pt"), "--train", str(train), "--test", str(test),
+                 "--n-labels", "10", "--seeds", "1", "--json", str(out_json), "--no-progress", "--no-scratch",
+                 "--epochs", "3", "--batch-size", "4", "--lr", "3e-4", "--weight-decay", "1e-5"]) == 0
+    result = json.loads(out_json.read_text())
+    assert set(result["results"]) == {"encoder"}
+    assert {k: result["settings"][k] for k in ("epochs", "batch_size", "lr", "weight_decay")} == {
+        "epochs": 3, "batch_size": 4, "lr": 3e-4, "weight_decay": 1e-5}
+    assert main(["phc", "regress", "none", "--train", str(train), "--test", str(test), "--n-labels", "10",
+                 "--epochs", "0", "--no-progress"]) == 2
