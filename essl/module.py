@@ -52,6 +52,7 @@ class ESSLModule(L.LightningModule):
         knn_temperature: float = 0.1,
         num_classes: int | None = None,
         finite_check_every: int = 10,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         super().__init__()
         self.backbone = backbone
@@ -61,6 +62,7 @@ class ESSLModule(L.LightningModule):
         self.optim = optim
         self.knn_k, self.knn_temperature, self.num_classes = knn_k, knn_temperature, num_classes
         self.finite_check_every = finite_check_every
+        self.memory_format = memory_format  # of the views: channels_last to match a channels-last backbone
         # normalisation for un-augmented inputs (kNN monitor); the view pipelines normalise their own output
         self.register_buffer("input_mean", torch.tensor(input_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(input_std).view(1, -1, 1, 1), persistent=False)
@@ -71,10 +73,10 @@ class ESSLModule(L.LightningModule):
     def make_training_batch(self, x: Tensor) -> dict[str, object]:
         """uint8 (B, C, H, W) on the device -> views (and the equivariance batch with exact labels)."""
         views, eq_source = self.view_maker(x)
-        batch: dict[str, object] = {"views": views}
+        batch: dict[str, object] = {"views": [v.contiguous(memory_format=self.memory_format) for v in views]}
         if self.equivariance is not None:
             x_eq, labels = self.equivariance.make_batch(eq_source)  # (G·B, C, h, w), (G·B,)
-            batch["x_eq"], batch["eq_labels"] = x_eq, labels
+            batch["x_eq"], batch["eq_labels"] = x_eq.contiguous(memory_format=self.memory_format), labels
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -109,6 +109,7 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         knn_temperature=cfg.eval.knn_temperature,
         num_classes=data.num_classes,
         finite_check_every=cfg.trainer.log_every_n_steps,
+        memory_format=torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format,
     )
     info = {"feature_dim": feature_dim, "lr": lr}
     return module, info

@@ -296,51 +296,33 @@ def train_select(
     ``num_threads`` intra-op threads (None: torch's setting).
     """
     with torch_threads(num_threads if device.type == "cpu" else None):
-        return _train_select(model, param_groups, fit, val, scale, epochs=epochs, batch_size=batch_size,
-                             weight_decay=weight_decay, augment=augment, generator=generator, device=device)
-
-
-def _train_select(
-    model: nn.Module,
-    param_groups: list[dict[str, Any]],
-    fit: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
-    scale: _TargetScale,
-    *,
-    epochs: int,
-    batch_size: int,
-    weight_decay: float,
-    augment: Callable[[Tensor], Tensor] | None,
-    generator: torch.Generator,
-    device: torch.device,
-) -> Selected:
-    x_fit, y_fit = fit
-    x_val, y_val = val
-    y_fit_loss = scale.to_loss(y_fit)
-    optimizer = torch.optim.Adam(param_groups, weight_decay=weight_decay)
-    steps_per_epoch = len(_batches(len(x_fit), batch_size, torch.Generator()))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    model.to(device)
-    best_state, best_epoch, best_error, history = None, 0, math.inf, []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for idx in _batches(len(x_fit), batch_size, generator):
-            xb, yb = x_fit[idx].to(device), y_fit_loss[idx].to(device)
-            if augment is not None:
-                xb = augment(xb)
-            loss = nn.functional.mse_loss(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        error = float(phc_dos.relative_l1(predict(model, x_val, scale, device), y_val))
-        history.append(error)
-        if error < best_error or best_state is None:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_epoch, best_error = epoch, error
-    model.load_state_dict(best_state)
-    model.eval()
-    return Selected(model=model, best_epoch=best_epoch, val_error=best_error, val_history=history)
+        x_fit, y_fit = fit
+        x_val, y_val = val
+        y_fit_loss = scale.to_loss(y_fit)
+        optimizer = torch.optim.Adam(param_groups, weight_decay=weight_decay)
+        steps_per_epoch = len(_batches(len(x_fit), batch_size, torch.Generator()))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+        model.to(device)
+        best_state, best_epoch, best_error, history = None, 0, math.inf, []
+        for epoch in range(1, epochs + 1):
+            model.train()
+            for idx in _batches(len(x_fit), batch_size, generator):
+                xb, yb = x_fit[idx].to(device), y_fit_loss[idx].to(device)
+                if augment is not None:
+                    xb = augment(xb)
+                loss = nn.functional.mse_loss(model(xb), yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            error = float(phc_dos.relative_l1(predict(model, x_val, scale, device), y_val))
+            history.append(error)
+            if error < best_error or best_state is None:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_epoch, best_error = epoch, error
+        model.load_state_dict(best_state)
+        model.eval()
+        return Selected(model=model, best_epoch=best_epoch, val_error=best_error, val_history=history)
 
 
 # ------------------------------------------------------------------------------------------------- data
