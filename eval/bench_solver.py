@@ -88,14 +88,18 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def _threads(n: int):
-    """Limit torch and the BLAS behind numpy (legume) to n threads."""
+    """Limit the BLAS behind numpy / scipy (legume) to n threads; torch's threads are set by ``num_threads``.
+
+    Not the OpenMP runtime: a threadpoolctl limit on torch's libgomp, once torch has run parallel code, made torch's
+    batched eigensolvers 8-9× slower (measured: 0.47 s -> 4.5 s for 8 cells), which is what one ``essl bench all``
+    run showed after the training section."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(n)
+    return threadpool_limits(n, user_api="blas")
 
 
 VARIANTS = {

@@ -38,8 +38,9 @@ A first full run with 6 pretraining epochs took 16.7 min (load average 2-9): dat
 (per dataset: SimCLR 47-94 s, SimCLR-invariant 46-92 s, E-SimCLR 155-174 s), regression 5.6 min (from scratch
 20-102 s per dataset and number of labels, 3 seeds; frozen heads 1-5 s). The default of 12 epochs doubles the
 pretraining; measured (load average 4-5): 23.1 min in all, data 0.7 min, pretraining 17.2 min (per dataset:
-SimCLR 90-103 s, SimCLR-invariant 76-91 s, E-SimCLR 317-357 s), regression 5.2 min. Inside the 45-minute
-budget with a margin for heavier load.
+SimCLR 90-103 s, SimCLR-invariant 76-91 s, E-SimCLR 317-357 s), regression 5.2 min. With the default GGR labels
+(idle machine): 17.1 min, data 1.3 min, pretraining 11.0 min (SimCLR 60-65 s, SimCLR-invariant 57-59 s, E-SimCLR
+207-212 s), regression 4.8 min. Inside the 45-minute budget with a margin for heavier load.
 
 Two torch threads were measured 2-4× *slower* than one on the loaded machine, so the run uses one
 (``--threads``). Sizes never depend on the budget or on measured times: the result is a function of the
@@ -440,9 +441,10 @@ def run_compare(out: str | os.PathLike = DEFAULT_OUT, settings: CompareSettings 
 
 def _settings_note(results: dict[str, Any]) -> str:
     s = results["settings"]
+    labels = json.dumps(s["label_settings"]) if s["label_settings"] else "essl.photonics.dos defaults (GGR, 20×20 k)"
     return (
         f"Settings: {s['n_unlabelled']} unlabelled maps per dataset for pretraining; phc_cnn width {s['width']}, "
-        f"{s['pretrain_epochs']} epochs, batch {s['pretrain_batch_size']}; labels {json.dumps(s['label_settings'])}; "
+        f"{s['pretrain_epochs']} epochs, batch {s['pretrain_batch_size']}; labels {labels}; "
         f"train file {s['n_train']}, test file {s['n_test']} structures; regression mode {s['mode']}, "
         f"{s['regress_epochs']} epochs, batch {s['regress_batch_size']}, augment {s['augment']}, {s['seeds']} seeds; "
         f"{s['threads']} torch thread(s). Wall time {results['total_seconds'] / 60:.1f} min "

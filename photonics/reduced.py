@@ -1,4 +1,4 @@
-"""Reduced-basis band solver: Rayleigh–Ritz on patches of the Brillouin zone, with an a-posteriori residual check.
+"""Reduced-basis band solver: Rayleigh–Ritz on patches of the Brillouin zone, with an a-posteriori error check.
 
 Every eigenproblem of :mod:`essl.photonics.pwe` is a Hermitian matrix that is *quadratic* in the Bloch vector k:
 
@@ -18,12 +18,16 @@ four corners (seeds shared between neighbouring patches), compressed to its ``ba
 directions. Ritz values are upper bounds of the exact eigenvalues (Poincaré / Cauchy interlacing);
 group velocities follow from the Ritz vectors, dθ/dk_d = cᴴ ∂H/∂k_d c (Hellmann–Feynman in the subspace).
 
-Accuracy is checked, not assumed: for a Ritz pair (θ, x = Vc) the residual r = M x − θ x bounds the distance to an
-exact eigenvalue, |θ − λ| ≤ ‖r‖ (Parlett, "The Symmetric Eigenvalue Problem", thm. 4.5.1), and ‖r‖² = ‖Mx‖² − θ²
-is cheap in the reduced space (precomputed Grams of Q_j V). Every k-point where a band's residual exceeds
-``residual_tol`` · max(θ, 1e-2 · θ_max) is re-solved with the full matrix, so the result never relies on the basis
-being good. Measured on the default labels (20×20 grid, 81 plane waves, 10 TM bands): DOS labels agree with the
-full solver to ~1e-6 relative L1, at a fraction of the cost (see the README's Performance section).
+Accuracy is checked, not assumed. For a Ritz pair (θ, x = Vc) the residual r = M x − θ x is orthogonal to the basis,
+r = (I − VVᴴ) M V c, so ‖r‖² = Σ_ij a_i a_j cᴴ Z_iᴴ Z_j c with Z_j = (I − VVᴴ) Q_j V: precomputed once per patch and
+free of cancellation. The error estimate is the block Kato–Temple bound ‖r‖²/δ (Parlett, "The Symmetric Eigenvalue
+Problem", ch. 11; :func:`_error_estimate`), with the gap δ to the rest of the spectrum estimated from the
+neighbouring Ritz values (so it is an estimate, not a proof). Every k-point where a band's estimate exceeds
+``residual_tol`` · max(θ, 1e-4 · θ_max) is re-solved with the full matrix, so the result does not rely on the basis
+being good (tests force a poor basis and check every accepted point against the direct solver). Measured on the
+default labels (20×20 grid, 81 plane waves, 10 TM bands, 16 blob / 16 level-set cells): DOS targets within
+1.6e-5 / 2.3e-5 relative L1 of the direct solver's, band frequencies within 2.3e-4 (median 3e-7), at 1.9–2.8× less
+cost on CPU (README, "Photonic-crystal data").
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ DEFAULT_SEED_BANDS = 12
 DEFAULT_BASIS_SIZE = 28
 """Directions kept per patch out of 4 × seed_bands."""
 DEFAULT_RESIDUAL_TOL = 1e-2
-"""Relative residual above which a k-point is re-solved with the full matrix."""
+"""Relative error estimate (of the eigenvalue θ = f²) above which a k-point is re-solved with the full matrix. The
+estimate is pessimistic: accepted points were measured at least 20× more accurate than it allows."""
 
 _ZERO_FREQUENCY = 1e-6
 _SCALE_FLOOR = 1e-4
@@ -260,7 +265,7 @@ def solve_reduced(
         if group_velocity:
             dth = torch.empty(len(k), 2, n_bands, dtype=real, device=device)
             dth[target] = _derivatives(red, cd.gather(-1, order[..., None, :].expand_as(cd))[..., :n_bands], k_p)[valid]
-        bad = (rel > residual_tol).any(-1)  # (K,)
+        bad = ~(rel <= residual_tol).all(-1)  # (K,); a NaN estimate counts as bad
         if bad.any():
             kb = bad.nonzero()[:, 0]
             lam_b, vec_b = torch.linalg.eigh(_assemble(qs, a_k[kb]))  # (Kb, P, P)

@@ -20,11 +20,12 @@ C128 = torch.complex128
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # small eigenproblems: avoid oversubscribed OpenMP / BLAS threads (torch and numpy, for legume) on a shared
-    # 2-core machine, where they slow these tests down by 10-100x
+    # small eigenproblems: one torch thread and one BLAS thread (numpy, for legume) avoid oversubscription on a
+    # shared 2-core machine, where it slowed these tests down by 10-100x (torch's OpenMP is left to torch: a
+    # threadpoolctl limit on it made torch's eigensolvers 8x slower, see essl.eval.bench_solver._threads)
     from threadpoolctl import threadpool_limits
 
-    with pwe.cpu_threads(1), threadpool_limits(1):
+    with pwe.cpu_threads(1), threadpool_limits(1, user_api="blas"):
         yield
 
 
