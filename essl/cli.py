@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from essl import __version__
 from essl.errors import UserError
+from essl.malloc import tune_malloc
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # reuse freed memory across training steps instead of page-faulting it in again (essl/malloc.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "seeds", 1) is not None and getattr(args, "seeds", 1) < 1:

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from essl.io import atomic_write_json
+from essl.malloc import tune_malloc
 from essl.runtime import torch_threads
 
 SECTIONS = ("pipeline", "train", "solver")
@@ -222,6 +223,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         # OpenMP spin-waiting threads collapse on a shared CPU (see the profile notes); record the setting
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc_tuning": os.environ.get("ESSL_MALLOC_TUNING", "1") != "0",
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -648,6 +650,7 @@ def format_bench(result: dict[str, Any]) -> str:
         f"Machine: {m['cpu_count']} CPU cores ({m['processor']}), torch {m['torch']}, torchvision "
         f"{m['torchvision']}, kornia {m['kornia']}, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
         + f", OMP_WAIT_POLICY={m.get('omp_wait_policy') or 'unset'}"
+        + f", malloc tuning {'on' if m.get('malloc_tuning') else 'off'}"
         + f"; medians of {result['settings']['repeats']} interleaved repeats"
         + (" — QUICK mode, numbers not meaningful" if result["settings"].get("quick") else ""),
     ]
@@ -729,6 +732,7 @@ def _format_profile(p: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # as the `essl` command does (essl/malloc.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", default="all", choices=CHOICES)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -478,6 +478,9 @@ def _parse_labels(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (module docstring). Exit 0 on success, 2 with a one-line message on a user error."""
+    from essl.malloc import tune_malloc
+
+    tune_malloc()  # as the `essl` command does
     parser = argparse.ArgumentParser(prog="python -m essl.eval.phc_compare", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--budget-minutes", type=float, default=DEFAULT_BUDGET_MINUTES,

@@ -4,3 +4,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+from essl.malloc import tune_malloc  # noqa: E402
+
+tune_malloc()  # as the `essl` command does
