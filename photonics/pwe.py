@@ -47,7 +47,9 @@ batch-independent bit for bit), followed by Rayleigh quotients uᴴMu that make 
 accurate as complex128 to ~2e-6 relative (OpenBLAS's cheevr alone is off by ~1e-7·||M||, 1e-3 relative for the
 lowest band near Γ). Cells with exact symmetries (:func:`cell_symmetries`) are cheaper: an inversion centre makes
 [ε] real about it (real symmetric eigenproblems), and :func:`irreducible_kgrid` drops the k-points related by the
-cell's point group (used by :func:`essl.photonics.dos.compute_labels`).
+cell's point group (used by :func:`essl.photonics.dos.compute_labels`). For many k-points per structure,
+``solver="reduced"`` replaces the per-k-point diagonalisation by Rayleigh–Ritz in small per-patch bases with an
+error check (:mod:`essl.photonics.reduced`; the labels' default for p1 and pm cells).
 """
 
 from __future__ import annotations
