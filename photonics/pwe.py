@@ -54,13 +54,12 @@ error check (:mod:`essl.photonics.reduced`; the labels' default for p1 and pm ce
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-import numpy as np
 import torch
 
 from essl.photonics import reduced
+from essl.photonics.lapack import lapack_available, lapack_lowest
 from essl.runtime import torch_threads
 
 DEFAULT_CUTOFF = 5
@@ -427,65 +426,6 @@ def _chunks(
     return [(s, s + 1, k0, min(k0 + k_step, k_pad)) for s in range(n_structures) for k0 in range(0, k_pad, k_step)]
 
 
-_BLAS_CONTROLLER = None
-
-
-def _blas_threads(n: int):
-    """Limit the BLAS behind scipy (OpenBLAS, separate from torch's MKL) to n threads; threadpoolctl's controller
-    is built once (its first inspection of the loaded libraries takes ~20-100 ms, a limit afterwards ~40 µs).
-    Without it, OpenBLAS's default of one thread per core made a 1-thread label run on a busy 2-core machine
-    ~100× slower (measured: 11 s instead of ~0.1 s per structure)."""
-    global _BLAS_CONTROLLER
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    if _BLAS_CONTROLLER is None:
-        _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=n, user_api="blas")
-
-
-def lapack_available() -> bool:
-    """Whether scipy's LAPACK wrappers (the CPU subset eigensolver) can be imported."""
-    try:
-        from scipy.linalg import lapack  # noqa: F401
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-        return False
-    return True
-
-
-def _lapack_lowest(mats: torch.Tensor, n_bands: int, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Lowest ``n_bands`` eigenpairs of a stack of Hermitian / real symmetric CPU matrices (m, P, P), one LAPACK
-    ?heevr / ?syevr call (MRRR, subset by index) per matrix, with torch's CPU thread count for the BLAS. Every
-    matrix is copied into one 64-byte-aligned column-major buffer that LAPACK overwrites, so each result depends
-    only on its own matrix, bit for bit."""
-    from scipy.linalg import lapack
-
-    a = mats.detach().numpy()
-    m, p = a.shape[0], a.shape[-1]
-    fn = {
-        np.dtype(np.complex64): lapack.cheevr,
-        np.dtype(np.complex128): lapack.zheevr,
-        np.dtype(np.float32): lapack.ssyevr,
-        np.dtype(np.float64): lapack.dsyevr,
-    }[a.dtype]
-    raw = np.empty(p * p * a.itemsize + 64, dtype=np.uint8)
-    off = (-raw.ctypes.data) % 64
-    buf = raw[off : off + p * p * a.itemsize].view(a.dtype).reshape(p, p).T  # Fortran order, aligned
-    lam = np.empty((m, n_bands), dtype=np.finfo(a.dtype).dtype)
-    vec = np.empty((m, p, n_bands), dtype=a.dtype) if vectors else None
-    with _blas_threads(torch.get_num_threads()):
-        for i in range(m):
-            buf.T[...] = a[i]  # buf = a[i]ᵀ = conj(a[i]) (Hermitian): same eigenvalues, conjugated eigenvectors
-            w, z, found, _, info = fn(buf, compute_v=int(vectors), range="I", il=1, iu=n_bands, overwrite_a=1)
-            if info != 0 or found != n_bands:
-                raise RuntimeError(f"LAPACK {fn.__name__} failed (info={info}, found {found} of {n_bands} eigenvalues)")
-            lam[i] = w[:n_bands]
-            if vectors:
-                np.conjugate(z, out=vec[i]) if a.dtype.kind == "c" else np.copyto(vec[i], z)
-    return torch.from_numpy(lam), (torch.from_numpy(vec) if vectors else None)
-
-
 def _solve_group(
     a_inv: torch.Tensor,
     q: torch.Tensor,
@@ -511,7 +451,7 @@ def _solve_group(
         else:
             mat = a * (qc @ qc.transpose(-1, -2))  # (b, k, P, P) = [(k+G)·(k+G')] ∘ A
         if eigensolver == "lapack":
-            _, u = _lapack_lowest(mat.reshape(-1, n_pw, n_pw), n_bands, True)
+            _, u = lapack_lowest(mat.reshape(-1, n_pw, n_pw), n_bands, True)
             u = u.reshape(*mat.shape[:2], n_pw, n_bands)
             # Rayleigh quotients uᴴMu/uᴴu: the eigenvalue error becomes quadratic in the eigenvector error. Single-
             # precision ?heevr / ?syevr (OpenBLAS) leave absolute errors ~1e-7·||M|| in the eigenvalues themselves,

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from essl.photonics.lapack import lapack_lowest
+
 DEFAULT_PATCHES = 4
 """Patches per direction of the zone [-½, ½]²: 0.25 × 0.25 patches, 25 points each of a 20×20 grid."""
 DEFAULT_SEED_BANDS = 12
@@ -87,9 +89,7 @@ def _assemble(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _lowest(mats: torch.Tensor, n: int, eigensolver: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Lowest n eigenpairs of a stack of Hermitian matrices (m, P, P)."""
     if eigensolver == "lapack":
-        from essl.photonics.pwe import _lapack_lowest
-
-        lam, vec = _lapack_lowest(mats.contiguous(), n, True)
+        lam, vec = lapack_lowest(mats.contiguous(), n, True)
         return lam, vec
     lam, vec = torch.linalg.eigh(mats)
     return lam[..., :n], vec[..., :n]

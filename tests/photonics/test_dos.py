@@ -21,12 +21,6 @@ into ~3e-5 relative L1 (measured). 1e-3 leaves a margin of 30 while still catchi
 wrong k-grid symmetry or a quarter-pixel shift gives > 1e-2)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with pwe.cpu_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def random_cells() -> torch.Tensor:
     cells = [unitcell.generate_cells(kind, 3, seed=11) for kind in ("levelset", "blob")]

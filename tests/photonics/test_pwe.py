@@ -18,17 +18,6 @@ from essl.photonics import pwe
 C128 = torch.complex128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small eigenproblems: one torch thread and one BLAS thread (numpy, for legume) avoid oversubscription on a
-    # shared 2-core machine, where it slowed these tests down by 10-100x (torch's OpenMP is left to torch: a
-    # threadpoolctl limit on it made torch's eigensolvers 8x slower, see essl.eval.bench_solver._threads)
-    from threadpoolctl import threadpool_limits
-
-    with pwe.cpu_threads(1), threadpool_limits(1, user_api="blas"):
-        yield
-
-
 def rasterise(inside, n: int, supersample: int = 8) -> torch.Tensor:
     """Area fraction of each of n×n pixels covered by the shape ``inside(x, y)`` (coordinates centred on the cell
     centre), by supersampling; (n, n) float64, rows = y."""

@@ -15,12 +15,6 @@ from essl.photonics import dos, pwe, reduced, unitcell
 C128 = torch.complex128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with pwe.cpu_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def blobs() -> torch.Tensor:
     return torch.from_numpy(unitcell.generate_cells("blob", 3, seed=5))
