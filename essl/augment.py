@@ -82,11 +82,12 @@ def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], st
 
 
 class ViewMaker(nn.Module):
-    """Makes ``n_views`` invariant views of a uint8 batch, and the equivariance view source.
+    """Makes ``n_views`` invariant views of a uint8 batch, and the equivariance branch's input.
 
-    The equivariance branch (``eq_pipeline``) gets its own crop (the paper: ``RandomResizedCrop(16)`` on CIFAR)
-    and the same colour augmentations; the group transformation itself is applied afterwards by
-    :mod:`essl.transforms`, so its labels stay exact.
+    The equivariance branch's input (``eq_pipeline``) is never one of the invariant views: for images it is the
+    paper's own rotation view (``RandomResizedCrop(16)`` on CIFAR-10 with the same flip and colour operations),
+    for unit cells the raw cell (:class:`LatticeViews` with no or only label-preserving operations). The group
+    transformation itself is applied afterwards by :mod:`essl.transforms`, so its labels stay exact.
     """
 
     def __init__(self, view_pipeline: nn.Module, n_views: int = 2, eq_pipeline: nn.Module | None = None):
@@ -103,17 +104,40 @@ class ViewMaker(nn.Module):
         return views, eq
 
 
-LATTICE_OPS = ("c4v", "flip4", "rot4", "shift", "halfshift")
+#: Exact lattice symmetries of a periodic unit cell, each applied with one uniformly random element per sample.
+LATTICE_OPS: dict[str, str] = {
+    "c4v": "one of the 8 symmetries of the square (rotations and mirrors about the cell centre)",
+    "flip4": "one of none / horizontal / vertical / both flips (both = the 180-degree rotation)",
+    "flip3": "one of none / horizontal / vertical flip (the reference photonics code's three-way flip)",
+    "rot4": "one of the 4 quarter turns",
+    "shift": "a periodic translation by any whole number of pixels on both axes",
+    "halfshift": "one of the 4 half-cell periodic translations",
+}
+
+
+def lattice_augment(x: Tensor, ops: Sequence[str], generator: torch.Generator | None = None) -> Tensor:
+    """Apply ``ops`` (names of :data:`LATTICE_OPS`) in order to (B, C, n, n) unit cells, one random element per
+    sample and operation; exact pixel permutations (values are never changed, nor clamped)."""
+    for op in ops:
+        if op == "shift":
+            x, _ = transforms.random_shift(x, generator=generator)
+        elif op == "halfshift":
+            x, _ = transforms.transform(x, "translate", mode="random", grid=2, generator=generator)
+        elif op in LATTICE_OPS:
+            x, _ = transforms.transform(x, op, mode="random", generator=generator)
+        else:
+            raise ValueError(f"unknown lattice operation {op!r}; choose from {', '.join(LATTICE_OPS)}")
+    return x
 
 
 class LatticeViews(nn.Module):
     """Invariant views of periodic unit cells (photonic crystals): exact lattice symmetries, no colour ops.
 
-    ``ops`` are applied in order, each with one random element per sample: ``c4v`` (the 8 symmetries of the
-    square), ``flip4``, ``rot4``, ``shift`` (periodic translation by any whole number of pixels) and ``halfshift``
-    (one of the 4 half-cell translations). Permittivity maps are physical values: they are never clamped, only
-    normalised at the end (``(ε − mean) / std``, e.g. (ε − 1)/19). Dangovski et al. (ICLR 2022), photonics
-    experiments.
+    ``ops`` (names of :data:`LATTICE_OPS`) are applied in order by :func:`lattice_augment`. Permittivity maps are
+    physical values: they are never clamped, only normalised at the end (``(ε − mean) / std``, e.g. (ε − 1)/19).
+    The reference photonics views (Dangovski et al., ICLR 2022; rdangovs/essl ``photonics/symop_utils.py``) are
+    ``[flip3, rot4]`` for blob cells and ``[shift, flip3]`` for level-set cells. With no ``ops`` the view is the
+    raw cell, normalised (the input of the reference's equivariance branch).
     """
 
     def __init__(self, ops: Sequence[str], mean: Sequence[float], std: Sequence[float]):
@@ -126,11 +150,4 @@ class LatticeViews(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        for op in self.ops:
-            if op == "shift":
-                x, _ = transforms.random_shift(x)
-            elif op == "halfshift":
-                x, _ = transforms.transform(x, "translate", mode="random", grid=2)
-            else:
-                x, _ = transforms.transform(x, op, mode="random")
-        return (x - self.mean) / self.std
+        return (lattice_augment(x, self.ops) - self.mean) / self.std

@@ -58,10 +58,14 @@ PHC_KERNEL = 7
 PHC_FEATURES = 1024
 
 
-def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32) -> tuple[nn.Module, int]:
+def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32,
+            fc_batchnorm: bool = False) -> tuple[nn.Module, int]:
     """The photonics encoder of the E-SSL paper: three 7×7 conv/BN/ReLU blocks with max-pools 2/4/4, then a
-    fully connected 1024 → 1024 head (the last layer's output is the representation). ``width`` multiplies every
-    channel count and the hidden size (e.g. 0.25 for CPU-sized runs). Needs inputs of at least 32×32."""
+    fully connected part Linear → ReLU → Linear to 1024 (the last layer's output is the representation), as the
+    reference ``Encoder`` (rdangovs/essl ``photonics/phc_models.py``; its convolutions carry a bias, which the
+    BatchNorm after them cancels, so ours have none). ``width`` multiplies every channel count and the hidden size
+    (e.g. 0.25 for CPU-sized runs); ``fc_batchnorm=True`` adds a BatchNorm1d after the first linear layer (essl
+    before 0.2). Needs ``input_size``×``input_size`` inputs of at least 32×32."""
     chans = [max(1, round(c * width)) for c in PHC_CHANNELS]
     hidden = max(1, round(PHC_FEATURES * width))
     layers: list[nn.Module] = []
@@ -75,7 +79,8 @@ def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32) -> t
         side //= pool
     if side < 1:
         raise UserError(f"phc_cnn needs inputs of at least {2 * 4 * 4}x{2 * 4 * 4} pixels, got input_size={input_size}")
-    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.BatchNorm1d(hidden),
+    norm = [nn.BatchNorm1d(hidden)] if fc_batchnorm else []
+    net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, hidden), *norm,
                         nn.ReLU(inplace=True), nn.Linear(hidden, hidden))
     return net, hidden
 

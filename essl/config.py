@@ -12,6 +12,7 @@ rotation view RandomResizedCrop(16, scale 0.2–1) with the same colour augmenta
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,29 @@ class AugmentConfig:
 
 @dataclass
 class EquivarianceConfig:
-    """The E-SSL branch. ``weight`` is λ; λ = 0 is the plain method (no branch, no extra forward pass)."""
+    """The E-SSL branch. ``weight`` is λ; λ = 0 is the plain method (no branch, no extra forward pass).
+
+    ``view`` says what the branch's input is, before the group transformation is applied:
+
+    * ``crop``: the paper's rotation view for images: RandomResizedCrop(``crop_size``, ``crop_scale``) with the
+      same flip and colour operations as the invariant views (reference CIFAR-10 code);
+    * ``raw``: the un-augmented batch, only normalised (the reference photonics code), then the exact lattice
+      operations of ``lattice`` (e.g. ``[shift]``), which must keep every predicted element identifiable.
+
+    A configuration whose operations on this input make two predicted elements indistinguishable is refused.
+    """
 
     weight: float = 0.0
-    group: str = "rot4"  # rot4 | flip4 | c4v | translate
+    group: str = "rot4"  # rot4 | flip4 | hflip | vflip | c4v | translate
     mode: str = "all"  # all: every image in every element (paper) | random: one element per image
     grid: int = 2  # translate: nt x nt periodic shifts
+    view: str = "crop"  # crop (images, the paper's rotation view) | raw (un-augmented; unit cells)
+    lattice: list[str] = field(default_factory=list)  # view=raw: lattice ops applied before the group
     crop_size: int = 16
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hidden_dim: int = 2048
+    norm: str = "layernorm"  # head normalisation: layernorm (CIFAR-10 reference) | batchnorm (photonics reference)
+    strict: bool = True  # refuse inputs that make predicted elements indistinguishable (false: warn; ablations only)
 
 
 @dataclass
@@ -71,11 +86,10 @@ class BackboneConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # simclr | byol
-    hidden_dim: int | None = None  # None: the method's default (SimCLR 2048, BYOL 4096)
-    output_dim: int | None = None  # None: the method's default (SimCLR 128, BYOL 256)
-    temperature: float = 0.5  # SimCLR NT-Xent
-    momentum_base: float = 0.99  # BYOL EMA momentum, cosine-scheduled to 1
+    """The SSL method and its own hyper-parameters (``kwargs``, checked against the method's signature)."""
+
+    name: str = "simclr"  # see `essl list methods`
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,11 +146,14 @@ class Config:
 
 CHOICES = {
     "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder", "phc"),
-    "equivariance.group": ("rot4", "flip4", "c4v", "translate"),
+    "equivariance.group": ("rot4", "flip4", "hflip", "vflip", "c4v", "translate"),
     "equivariance.mode": ("all", "random"),
-    "method.name": ("simclr", "byol"),
+    "equivariance.view": ("crop", "raw"),
+    "equivariance.norm": ("layernorm", "batchnorm"),
     "optim.name": ("sgd", "lars", "adamw"),
 }
+#: Keys that moved into ``method.kwargs`` (a config naming the old key gets a hint).
+MOVED_METHOD_KEYS = ("hidden_dim", "output_dim", "temperature", "momentum_base")
 POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid")
 PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale_prob", "augment.blur_prob",
                  "augment.solarize_prob")
@@ -145,6 +162,8 @@ PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale
 def _error_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     msg = str(err).strip().splitlines()[0]
+    if key and key.startswith("method.") and key.split(".", 1)[1] in MOVED_METHOD_KEYS:
+        msg += f" (method parameters now live in method.kwargs: use method.kwargs.{key.split('.', 1)[1]})"
     return f"config key {key!r}: {msg}" if key else msg
 
 
@@ -166,7 +185,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _validate(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
+    from essl.methods import METHODS
+
+    for key, allowed in (*CHOICES.items(), ("method.name", tuple(METHODS))):
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
@@ -182,9 +203,10 @@ def _validate(cfg: DictConfig) -> None:
             raise UserError(f"config key {key!r}: expected [min, max] with 0 < min <= max <= 1, got {list(lo_hi)}")
     from essl.augment import LATTICE_OPS
 
-    bad = [op for op in cfg.augment.lattice if op not in LATTICE_OPS]
-    if bad:
-        raise UserError(f"config key 'augment.lattice': {bad[0]!r} is not one of {', '.join(LATTICE_OPS)}")
+    for key in ("augment.lattice", "equivariance.lattice"):
+        bad = [op for op in OmegaConf.select(cfg, key) if op not in LATTICE_OPS]
+        if bad:
+            raise UserError(f"config key {key!r}: {bad[0]!r} is not one of {', '.join(LATTICE_OPS)}")
     if len(cfg.augment.jitter) != 4:
         raise UserError("config key 'augment.jitter': expected 4 values (brightness, contrast, saturation, hue)")
     if cfg.augment.n_views != 2:
@@ -194,6 +216,48 @@ def _validate(cfg: DictConfig) -> None:
         raise UserError(f"config key 'trainer.limit_train_batches': expected a positive int or float, got {limit!r}")
     if cfg.equivariance.weight < 0:
         raise UserError("config key 'equivariance.weight': λ must be >= 0")
+    from essl.methods import check_method_kwargs
+
+    check_method_kwargs(cfg.method.name, OmegaConf.to_container(cfg.method.kwargs))
+    _validate_views(cfg)
+
+
+def _validate_views(cfg: DictConfig) -> None:
+    """What the invariant views and the equivariance input get must fit the data and the predicted group."""
+    from essl import transforms
+
+    a, e = cfg.augment, cfg.equivariance
+    if cfg.data.name == "phc" and not a.lattice:
+        raise UserError("config key 'augment.lattice': photonic-crystal maps (data.name=phc) take exact lattice "
+                        "operations as views, e.g. [shift, flip3]; image crops and colour ops would change "
+                        "their physical values")
+    if e.weight == 0:
+        return
+    if a.lattice and e.view == "crop":
+        raise UserError("config key 'equivariance.view': crop applies image crops and colour ops, which unit cells "
+                        "(augment.lattice set) must not get; use equivariance.view=raw")
+    if e.view == "crop" and e.lattice:
+        raise UserError("config key 'equivariance.lattice': only equivariance.view=raw takes lattice operations")
+    if e.view == "crop" and e.crop_size > cfg.data.image_size:
+        raise UserError(f"config key 'equivariance.crop_size': {e.crop_size} is larger than data.image_size "
+                        f"{cfg.data.image_size}")
+    if e.group == "translate" and cfg.data.image_size % e.grid:
+        raise UserError(f"config key 'equivariance.grid': {e.grid} does not divide data.image_size "
+                        f"{cfg.data.image_size}")
+    # exact element algebra on a small grid with the same symmetry structure (see transforms.merged_elements)
+    n = 8 * e.grid
+    before = [("equivariance.lattice", op) for op in e.lattice]
+    if e.view == "crop" and a.hflip_prob > 0:
+        before.append(("augment.hflip_prob", "hflip"))  # the crop view flips images at random
+    merged = transforms.merged_elements(e.group, [transforms.element_maps(op, n) for _, op in before], n, e.grid)
+    if merged:
+        keys = " and ".join(f"{k!r} ({OmegaConf.select(cfg, k)})" for k in dict.fromkeys(k for k, _ in before))
+        pairs = ", ".join(f"{i} and {j}" for i, j in merged)
+        msg = (f"config keys {keys} with 'equivariance.group' ({e.group}): these operations on the equivariance "
+               f"input make predicted elements indistinguishable ({pairs})")
+        if e.strict:
+            raise UserError(f"{msg}; remove them or predict another group (equivariance.strict=false runs it anyway)")
+        warnings.warn(f"{msg}; running anyway (equivariance.strict=false)", stacklevel=2)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -205,6 +269,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     schema = OmegaConf.structured(Config)
     OmegaConf.set_struct(schema, True)
     OmegaConf.set_struct(schema.backbone.kwargs, False)  # free-form backbone arguments
+    OmegaConf.set_struct(schema.method.kwargs, False)  # the method's own, checked against its signature
     file_data = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         if "=" not in item:

@@ -2,8 +2,9 @@
 
 Any SSL method gets the same branch: a transformation group with exact labels (:mod:`essl.transforms`), a
 prediction head on the backbone features and a weight λ. The total loss is ``ssl_loss + λ · CE``. The head is
-the paper's (CIFAR-10 code): Linear → LayerNorm → ReLU → Linear → LayerNorm → ReLU → Linear to the number of
-group elements.
+the reference code's: Linear → norm → ReLU → Linear → norm → ReLU → Linear to the number of group elements, with
+LayerNorm in the CIFAR-10 code (512 → 2048 → 2048 → 4) and BatchNorm in the photonics code (1024 → 512 → 512 → 4;
+rdangovs/essl ``photonics/phc_models.py``, ``Classifier`` with ``bnorm=True``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ from torch import Tensor, nn
 
 from essl import transforms
 
+HEAD_NORMS = {"layernorm": nn.LayerNorm, "batchnorm": nn.BatchNorm1d}
 
-def equivariance_head(feature_dim: int, hidden_dim: int, n_classes: int) -> nn.Sequential:
-    """The paper's prediction head: two hidden layers with LayerNorm (512 → 2048 → 2048 → 4 on CIFAR-10)."""
+
+def equivariance_head(feature_dim: int, hidden_dim: int, n_classes: int, norm: str = "layernorm") -> nn.Sequential:
+    """The paper's prediction head: two hidden layers with ``norm`` (LayerNorm, 512 → 2048 → 2048 → 4, on
+    CIFAR-10; BatchNorm, 1024 → 512 → 512 → 4, on photonic crystals)."""
+    layer = HEAD_NORMS[norm]
     return nn.Sequential(
         nn.Linear(feature_dim, hidden_dim),
-        nn.LayerNorm(hidden_dim),
+        layer(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, hidden_dim),
-        nn.LayerNorm(hidden_dim),
+        layer(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, n_classes),
     )
@@ -38,10 +43,11 @@ class EquivarianceBranch(nn.Module):
         hidden_dim: int = 2048,
         mode: str = "all",
         grid: int = 2,
+        norm: str = "layernorm",
     ):
         super().__init__()
         self.group, self.mode, self.grid, self.weight = group, mode, grid, weight
-        self.head = equivariance_head(feature_dim, hidden_dim, transforms.group_size(group, grid))
+        self.head = equivariance_head(feature_dim, hidden_dim, transforms.group_size(group, grid), norm)
 
     def make_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, h, w) -> (x_t, labels): (G·B or B, C, h, w) and int64 labels, exact."""

@@ -44,36 +44,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def _method_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    m = cfg.method
-    kw: dict[str, Any] = {}
-    if m.hidden_dim is not None:
-        kw["hidden_dim"] = m.hidden_dim
-    if m.output_dim is not None:
-        kw["output_dim"] = m.output_dim
-    if m.name == "simclr":
-        kw["temperature"] = m.temperature
-        kw["gather_distributed"] = True  # a no-op on one process; negatives from every rank under DDP
-    elif m.name == "byol":
-        kw["momentum_base"] = m.momentum_base
-    return kw
-
-
 def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tuple[ESSLModule, dict[str, Any]]:
     """Backbone, method, views, equivariance branch and optimiser settings from the config."""
     backbone, feature_dim = build_backbone(cfg.backbone.name, data.channels, **cfg.backbone.kwargs)
-    lattice = list(cfg.augment.lattice)
-    use_eq_crop = cfg.equivariance.weight > 0 and not lattice
-    sizes = {data.size} | ({cfg.equivariance.crop_size} if use_eq_crop else set())
-    for size in sorted(sizes):
+    a, e = cfg.augment, cfg.equivariance
+    lattice = list(a.lattice)
+    eq_size = e.crop_size if e.view == "crop" else data.size
+    for size in sorted({data.size} | ({eq_size} if e.weight > 0 else set())):
         check_input_size(backbone, data.channels, size)
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)  # before BYOL copies it
-    method = build_method(cfg.method.name, backbone, feature_dim, **_method_kwargs(cfg))
+    # negatives from every rank under DDP (a no-op on one process)
+    method = build_method(cfg.method.name, backbone, feature_dim, gather_distributed=True, **cfg.method.kwargs)
     if cfg.trainer.compile:
         # in place, after BYOL's momentum copy: the state_dict keys (checkpoints, exported encoders) are unchanged
         backbone.compile()
-    a = cfg.augment
     colour = dict(
         hflip_prob=a.hflip_prob,
         jitter_prob=a.jitter_prob,
@@ -82,18 +67,19 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         blur_prob=a.blur_prob,
         solarize_prob=a.solarize_prob,
     )
-    e = cfg.equivariance
 
-    def views(size: int, scale: tuple[float, float]) -> torch.nn.Module:
-        if lattice:  # periodic unit cells: exact lattice symmetries only, the whole cell (no crop)
-            return LatticeViews(lattice, data.mean, data.std)
+    def crop_views(size: int, scale: tuple[float, float]) -> torch.nn.Module:
         return build_view_pipeline(ViewSpec(size=size, scale=scale, **colour), data.channels, data.mean, data.std)
 
-    view = views(data.size, tuple(a.crop_scale))
+    # invariant views: exact lattice symmetries of unit cells (the whole cell), or SimCLR's image crops
+    view = LatticeViews(lattice, data.mean, data.std) if lattice else crop_views(data.size, tuple(a.crop_scale))
     branch, eq_view = None, None
     if e.weight > 0:
-        branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid)
-        eq_view = views(e.crop_size, tuple(e.crop_scale))
+        branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid, e.norm)
+        # the branch's own input (docs/design.md): the paper's crop view for images, the raw cell (plus only
+        # operations that keep the predicted elements apart, checked in essl.config) for unit cells
+        eq_view = crop_views(e.crop_size, tuple(e.crop_scale)) if e.view == "crop" else LatticeViews(
+            list(e.lattice), data.mean, data.std)
     o = cfg.optim
     lr = o.lr * global_batch / LR_REFERENCE_BATCH if o.scale_lr else o.lr
     optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio)

@@ -400,7 +400,7 @@ def build_step(backbone: str, essl_weight: float, batch: int, device: torch.devi
     ]
     if backbone in SMALL_BACKBONE_HEADS:
         width = SMALL_BACKBONE_HEADS[backbone]
-        overrides += [f"method.hidden_dim={width}", f"equivariance.hidden_dim={width}"]
+        overrides += [f"method.kwargs.hidden_dim={width}", f"equivariance.hidden_dim={width}"]
     cfg = load_config(CONFIG_FILE if CONFIG_FILE.exists() else None, overrides)
     x = synthetic_images(batch)
     labels = torch.zeros(batch, dtype=torch.long)

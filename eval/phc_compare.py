@@ -146,7 +146,7 @@ QUICK = CompareSettings(
     pretrain_epochs=1,
     pretrain_batch_size=32,
     warmup_epochs=0.0,
-    extra_overrides=("method.hidden_dim=32", "method.output_dim=16", "equivariance.hidden_dim=32",
+    extra_overrides=("method.kwargs.hidden_dim=32", "method.kwargs.output_dim=16", "equivariance.hidden_dim=32",
                      "trainer.log_every_n_steps=1"),
     n_labels=(8, 16),
     seeds=2,

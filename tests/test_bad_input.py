@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SIMCLR = str(ROOT / "configs/digits/simclr.yaml")
 E_SIMCLR = str(ROOT / "configs/digits/e-simclr.yaml")
 PHC_SIMCLR = str(ROOT / "configs/photonics/levelset_simclr.yaml")
+PHC_E_SIMCLR = str(ROOT / "configs/photonics/levelset_e-simclr.yaml")
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.batch_size=8", "progress=false",
-        "backbone.kwargs.width=8", "method.hidden_dim=32"]
+        "backbone.kwargs.width=8", "method.kwargs.hidden_dim=32"]
 HAS_PHC_REGRESSION = importlib.util.find_spec("essl.eval.phc_regression") is not None
 N_MAPS = 4
 MAP_SIDE = 32
@@ -74,7 +75,12 @@ def _digits_run(tmp: Path, config: str = SIMCLR) -> list[str]:
 
 def _phc_run(tmp: Path, data_path: Path | str, *extra: str) -> list[str]:
     return ["pretrain", PHC_SIMCLR, f"output_dir={tmp / 'run'}", f"data.path={data_path}", "data.batch_size=2",
-            "progress=false", "backbone.kwargs.width=0.125", "method.hidden_dim=32", *extra]
+            "progress=false", "backbone.kwargs.width=0.125", "method.kwargs.hidden_dim=32", *extra]
+
+
+def _phc_essl(tmp: Path, *extra: str) -> list[str]:
+    """E-SimCLR on photonic maps with extra overrides (the data file is never reached: config errors come first)."""
+    return ["pretrain", PHC_E_SIMCLR, f"output_dir={tmp / 'run'}", f"data.path={tmp / 'never-read.h5'}", *extra]
 
 
 def _regress(tmp: Path, train: Path) -> list[str]:
@@ -144,6 +150,28 @@ CASES = [
     Case("bad choice override", lambda t: [*_digits_run(t), "method.name=moco"], ("method.name", "moco")),
     Case("override without =", lambda t: [*_digits_run(t), "trainer.max_epochs"], ("trainer.max_epochs",)),
     Case("missing config file", lambda t: ["pretrain", str(t / "nope.yaml")], ("{tmp}/nope.yaml",)),
+    # contradictory invariance / equivariance settings (issue 10): refused before any work
+    Case("eq input ops merge rotations (the old photonics bug)",
+         lambda t: _phc_essl(t, "equivariance.lattice=[shift,flip4]"),
+         ("equivariance.lattice", "equivariance.group", "rot4", "indistinguishable", "0 and 2")),
+    Case("eq input three-way flip merges rotations", lambda t: _phc_essl(t, "equivariance.lattice=[flip3]"),
+         ("equivariance.lattice", "indistinguishable")),
+    Case("eq input shifts merge translations",
+         lambda t: _phc_essl(t, "equivariance.group=translate", "equivariance.lattice=[shift]"),
+         ("equivariance.lattice", "translate", "indistinguishable")),
+    Case("crop view flips before predicting flips",
+         lambda t: [*_digits_run(t, E_SIMCLR), "equivariance.group=flip4", "augment.hflip_prob=0.5"],
+         ("augment.hflip_prob", "equivariance.group", "flip4", "indistinguishable")),
+    Case("crop view on unit cells", lambda t: _phc_essl(t, "equivariance.view=crop"), ("equivariance.view",)),
+    Case("unit cells without lattice views", lambda t: _phc_essl(t, "augment.lattice=[]"), ("augment.lattice",)),
+    Case("crop larger than the image", lambda t: [*_digits_run(t, E_SIMCLR), "equivariance.crop_size=40"],
+         ("equivariance.crop_size", "40")),
+    Case("unknown method parameter", lambda t: [*_digits_run(t), "method.kwargs.temp=0.3"],
+         ("method.kwargs.temp", "simclr")),
+    Case("bad method value", lambda t: [*_digits_run(t), "method.kwargs.temperature=0"],
+         ("method.kwargs", "temperature")),
+    Case("old method key", lambda t: [*_digits_run(t), "method.temperature=0.3"],
+         ("method.temperature", "method.kwargs.temperature")),
     Case("missing encoder.pt", lambda t: ["probe", str(t / "absent" / "encoder.pt"), "--no-progress"],
          ("{tmp}/absent/encoder.pt",)),
     Case("foreign .pt", lambda t: _encoder_file(t, _foreign_pt), ("{tmp}/encoder.pt", "not an essl encoder")),

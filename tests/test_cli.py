@@ -11,7 +11,7 @@ from essl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 E_SIMCLR = str(ROOT / "configs/digits/e-simclr.yaml")
 TINY = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "data.batch_size=32", "progress=false",
-        "backbone.kwargs.width=8", "equivariance.hidden_dim=32", "method.hidden_dim=32"]
+        "backbone.kwargs.width=8", "equivariance.hidden_dim=32", "method.kwargs.hidden_dim=32"]
 
 
 def _err(capsys) -> str:

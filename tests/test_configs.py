@@ -41,11 +41,38 @@ def test_cifar_configs_follow_the_paper_recipe():
     cfg = load_config(ROOT / "configs/cifar10/e-simclr.yaml", ["data.path=/x"])
     assert cfg.data.batch_size == 512 and cfg.trainer.max_epochs == 800
     assert cfg.optim.lr == 0.06 and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 5e-4
-    assert cfg.optim.warmup_epochs == 10 and cfg.method.temperature == 0.5
+    assert cfg.optim.warmup_epochs == 10 and cfg.method.kwargs.temperature == 0.5
     assert cfg.equivariance.weight == 0.4 and cfg.equivariance.crop_size == 16
     assert list(cfg.equivariance.crop_scale) == [0.2, 1.0]
+    assert cfg.equivariance.view == "crop" and cfg.equivariance.norm == "layernorm"
     base = load_config(ROOT / "configs/cifar10/simclr.yaml", ["data.path=/x"])
     assert base.optim.lr == 0.03 and base.equivariance.weight == 0.0
+    for c in (cfg, base):  # rdangovs/essl cifar10/main.py: info_nce_loss, ProjectionMLP(512, 2048, 2048), 2 passes
+        k = c.method.kwargs
+        assert (k.negatives, k.projector_final_norm, k.separate_passes) == ("cross_view", "bn_noaffine", True)
+        assert (k.hidden_dim, k.output_dim) == (2048, 2048)
+
+
+def test_cifar_reference_projector_and_heads():
+    """The modules the paper config builds have the reference's shapes: projector Linear(512, 2048, no bias) +
+    BN + ReLU + Linear(2048, 2048, no bias) + BN(2048, affine=False); rotation head 512 → 2048 → 2048 → 4 with
+    LayerNorm (rdangovs/essl cifar10/main.py)."""
+    from torch import nn
+
+    from essl.data import LabelledData
+    from essl.pretrain import build_module
+
+    cfg = load_config(ROOT / "configs/cifar10/e-simclr.yaml", TINY + ["data.name=cifar10"])
+    x = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.long)
+    module, _ = build_module(cfg, LabelledData("tiny", x, y, x, y, 10, mean=(0.5,) * 3, std=(0.25,) * 3), 512)
+    proj = list(module.method.projection.layers)
+    assert [type(m) for m in proj] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert proj[0].bias is None and proj[3].bias is None and (proj[0].in_features, proj[3].out_features) == (512, 2048)
+    assert proj[1].affine and not proj[4].affine
+    head = list(module.equivariance.head)
+    assert [type(m) for m in head] == [nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[-1].out_features) == (512, 2048, 4)
 
 
 def test_knn_monitor_logs_validation_accuracy(tmp_path):
@@ -77,10 +104,45 @@ def test_photonics_config_runs_one_step(path, phc_file, tmp_path):
     cfg = load_config(path, [f"data.path={phc_file}", "data.batch_size=4", "trainer.max_epochs=1",
                              "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1", "progress=false",
                              "backbone.kwargs.width=0.125", f"output_dir={tmp_path / 'run'}"])
-    assert cfg.method.temperature == 0.1
+    assert cfg.method.kwargs.temperature == 0.1
     assert cfg.equivariance.weight in (0.0, 5.0)
     payload = torch.load(pretrain(cfg), weights_only=True)
     assert payload["input"] == {"channels": 1, "size": 32, "mean": [1.0], "std": [19.0]}
+
+
+def test_photonics_configs_follow_the_reference():
+    """rdangovs/essl photonics: load_config.py (views per dataset and arm), main.py (SGD 0.9, lr 1e-3, no weight
+    decay, batch 256, cosine without warm-up), ssl_mode.py/phc_models.py (projector 1024 → 512 → 512 → 256 with
+    BatchNorm, head 1024 → 512 → 512 → 4 with BatchNorm, encoder without BatchNorm in its FC part)."""
+    from torch import nn
+
+    from essl.data import LabelledData
+    from essl.pretrain import build_module
+
+    views = {"blob_simclr": ["flip3", "rot4"], "blob_e-simclr": ["flip3", "rot4"],
+             "blob_simclr-invariant": ["halfshift", "flip3", "rot4"], "levelset_simclr": ["shift", "flip3"],
+             "levelset_e-simclr": ["shift", "flip3"], "levelset_simclr-invariant": ["shift", "flip3", "rot4"]}
+    x = torch.ones(4, 1, 32, 32)
+    y = torch.zeros(4, dtype=torch.long)
+    data = LabelledData("tiny", x, y, x[:0], y[:0], 0, mean=(1.0,), std=(19.0,))
+    for path in PHC_CONFIGS:
+        cfg = load_config(path, ["data.path=/x.h5"])
+        assert list(cfg.augment.lattice) == views[path.stem], path.stem
+        o = cfg.optim
+        settings = (o.name, o.lr, o.momentum, o.weight_decay, o.warmup_epochs, o.scale_lr)
+        assert settings == ("sgd", 1e-3, 0.9, 0, 0, False)
+        assert cfg.data.batch_size == 256 and cfg.method.kwargs.temperature == 0.1
+        module, _ = build_module(cfg, data, 256)
+        assert not any(isinstance(m, nn.BatchNorm1d) for m in module.backbone.modules())
+        proj = [m for m in module.method.projection.layers if isinstance(m, nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in proj] == [(1024, 512), (512, 512), (512, 256)]
+        if cfg.equivariance.weight > 0:
+            e = cfg.equivariance
+            assert (e.weight, e.view, list(e.lattice), e.mode) == (5.0, "raw", [], "all")
+            assert e.group == ("translate" if path.stem.startswith("blob") else "rot4")
+            head = list(module.equivariance.head)
+            assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+            assert (head[0].in_features, head[0].out_features, head[-1].out_features) == (1024, 512, 4)
 
 
 @pytest.mark.parametrize("compile_", [False, True])

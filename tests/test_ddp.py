@@ -25,6 +25,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,6 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from essl.methods import SimCLR
+from essl.methods.simclr import CrossViewInfoNCE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -52,20 +54,21 @@ class _Net(nn.Module):
     """A linear 'backbone' and essl's SimCLR with a shared linear projection (no BatchNorm: per-rank batch
     statistics would differ from the full batch's without SyncBatchNorm)."""
 
-    def __init__(self, gather: bool):
+    def __init__(self, gather: bool, negatives: str = "all"):
         super().__init__()
         self.backbone = nn.Linear(D_IN, D_FEAT)
-        self.method = SimCLR(self.backbone, D_FEAT, temperature=TEMPERATURE, gather_distributed=gather)
+        self.method = SimCLR(self.backbone, D_FEAT, temperature=TEMPERATURE, negatives=negatives,
+                             gather_distributed=gather)
         self.method.projection = nn.Linear(D_FEAT, D_OUT)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         return self.method.loss(self.backbone, views)
 
 
-def _build(gather: bool) -> tuple[_Net, torch.Tensor, torch.Tensor]:
+def _build(gather: bool, negatives: str = "all") -> tuple[_Net, torch.Tensor, torch.Tensor]:
     """The same model initialisation and the same full batch on every process."""
     torch.manual_seed(SEED)
-    net = _Net(gather).double()
+    net = _Net(gather, negatives).double()
     x0 = torch.randn(WORLD * PER_RANK, D_IN, dtype=torch.float64)
     x1 = x0 + 0.3 * torch.randn(WORLD * PER_RANK, D_IN, dtype=torch.float64)
     return net, x0, x1
@@ -75,12 +78,12 @@ def _grads(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str, negatives: str) -> None:
     torch.set_num_threads(1)
     store = f"file://{Path(out_dir) / 'rendezvous'}"  # a file store: no port to pick
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
     try:
-        net, x0, x1 = _build(gather=True)
+        net, x0, x1 = _build(gather=True, negatives=negatives)
         part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         views = [x0[part], x1[part]]
         # local gradients (no DDP averaging; lightly's gather still all-reduces the embedding gradients)
@@ -103,12 +106,15 @@ def _worker(rank: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_gathered_ntxent_and_gradients_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("negatives", ["all", "cross_view"])
+def test_gathered_ntxent_and_gradients_match_single_process(tmp_path, negatives):
+    """Both InfoNCE variants (lightly's NT-Xent and the reference's cross-view loss) gather their negatives from
+    every rank: 2-process DDP gives the single-process loss and gradients of the full batch."""
+    mp.spawn(_worker, args=(str(tmp_path), negatives), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     with torch.random.fork_rng(devices=[]):
-        net, x0, x1 = _build(gather=True)  # no process group here: lightly falls back to the plain loss
+        net, x0, x1 = _build(gather=True, negatives=negatives)  # no process group: the plain, full-batch loss
     full = net([x0, x1])
     full.backward()
     full_grads = _grads(net)
@@ -120,7 +126,8 @@ def test_gathered_ntxent_and_gradients_match_single_process(tmp_path):
     for r, rank_loss in enumerate(losses):
         part = slice(r * PER_RANK, (r + 1) * PER_RANK)
         z = net.method.projection(net.backbone(torch.cat([x0[part], x1[part]]))).detach()
-        alone = NTXentLoss(temperature=TEMPERATURE)(*z.chunk(2))
+        alone = (NTXentLoss(temperature=TEMPERATURE) if negatives == "all"
+                 else CrossViewInfoNCE(temperature=TEMPERATURE))(*z.chunk(2))
         assert not torch.isclose(alone, rank_loss, rtol=1e-6, atol=0)
     assert not torch.isclose(losses[0], losses[1], rtol=1e-6, atol=0)
 
@@ -133,12 +140,15 @@ def test_gathered_ntxent_and_gradients_match_single_process(tmp_path):
         assert not torch.allclose(local[0], local[1])  # each rank's own share differs before the all-reduce
 
 
-def test_pretrain_config_gathers_negatives():
+@pytest.mark.parametrize("negatives", ["all", "cross_view"])
+def test_pretrain_config_gathers_negatives(negatives):
     from essl.config import load_config
-    from essl.pretrain import _method_kwargs
+    from essl.data import load_labelled
+    from essl.pretrain import build_module
 
-    cfg = load_config(ROOT / "configs/digits/e-simclr.yaml")
-    assert _method_kwargs(cfg)["gather_distributed"] is True
+    cfg = load_config(ROOT / "configs/digits/e-simclr.yaml", [f"method.kwargs.negatives={negatives}"])
+    module, _ = build_module(cfg, load_labelled("digits", 32), 128)
+    assert module.method.criterion.gather_distributed is True
 
 
 DRIVER = textwrap.dedent(
@@ -209,7 +219,7 @@ def test_ddp_spawn_pretrain_ranks_draw_different_views(tmp_path):
     argv = [
         str(ROOT / "configs/digits/e-simclr.yaml"), f"output_dir={run}", "trainer.max_epochs=1",
         f"trainer.limit_train_batches={STEPS}", f"data.batch_size={BATCH}", "progress=false",
-        "backbone.kwargs.width=4", "equivariance.hidden_dim=16", "method.hidden_dim=16",
+        "backbone.kwargs.width=4", "equivariance.hidden_dim=16", "method.kwargs.hidden_dim=16",
         "trainer.strategy=ddp_spawn", f"trainer.devices={WORLD}", "trainer.accelerator=cpu",
     ]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}

@@ -11,6 +11,7 @@ from essl.augment import ViewMaker
 from essl.backbones import build_backbone
 from essl.equivariance import EquivarianceBranch
 from essl.methods import BYOL, SimCLR
+from essl.methods.simclr import CrossViewInfoNCE
 from essl.module import ESSLModule, OptimSpec
 
 
@@ -34,6 +35,80 @@ def test_lightly_nt_xent_matches_naive(temperature):
     z0, z1 = torch.randn(6, 5), torch.randn(6, 5)
     ours = NTXentLoss(temperature=temperature)(z0, z1)
     assert torch.allclose(ours, naive_nt_xent(z0, z1, temperature), atol=1e-5)
+
+
+def naive_cross_view_info_nce(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference CIFAR-10 loss written out anchor by anchor (rdangovs/essl cifar10/main.py): the positive of
+    z0[i] is z1[i] and its negatives are the other z1[j] only; symmetrised over the two views."""
+    a, b = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    n = len(a)
+
+    def one_way(q, k):
+        total = 0.0
+        for i in range(n):
+            sims = torch.stack([torch.dot(q[i], k[j]) / temperature for j in range(n)])
+            total = total - (sims[i] - torch.logsumexp(sims, 0))
+        return total / n
+
+    return 0.5 * (one_way(a, b) + one_way(b, a))
+
+
+@pytest.mark.parametrize("temperature", [0.2, 0.5])
+def test_cross_view_info_nce_matches_naive(temperature):
+    torch.manual_seed(1)
+    z0, z1 = torch.randn(7, 5), torch.randn(7, 5)
+    ours = CrossViewInfoNCE(temperature=temperature)(z0, z1)
+    torch.testing.assert_close(ours, naive_cross_view_info_nce(z0, z1, temperature), rtol=1e-5, atol=1e-6)
+    # it is not NT-Xent: the same-view negatives are missing
+    assert not torch.isclose(ours, naive_nt_xent(z0, z1, temperature), atol=1e-3)
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross_view"])
+def test_separate_passes_use_per_view_batchnorm_statistics(negatives):
+    """separate_passes=True equals running each view through backbone and projector on its own (the reference);
+    the default joint pass normalises both views with shared BatchNorm statistics, a different number."""
+    backbone, dim = _tiny_backbone()
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8) + 1.0]
+    torch.manual_seed(0)
+    split = SimCLR(backbone, dim, hidden_dim=16, output_dim=8, negatives=negatives, separate_passes=True)
+    joint = copy.deepcopy(split)
+    joint.separate_passes = False
+    z = [split.projection(backbone(v)) for v in views]  # training mode: per-view batch statistics
+    reference = naive_cross_view_info_nce if negatives == "cross_view" else naive_nt_xent
+    torch.testing.assert_close(split.loss(backbone, views), reference(z[0], z[1], 0.5), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(joint.loss(backbone, views), split.loss(backbone, views), atol=1e-4)
+
+
+def test_byol_separate_passes_per_view():
+    backbone, dim = _tiny_backbone()
+    torch.manual_seed(0)
+    method = BYOL(backbone, dim, hidden_dim=16, output_dim=8, separate_passes=True)
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8) + 1.0]
+    p = [method.prediction(method.projection(backbone(v))) for v in views]
+    with torch.no_grad():
+        t = [method.target_projection(method.target_backbone(v)) for v in views]
+    expected = 0.5 * (F.cosine_similarity(p[0], t[1]).mean() + F.cosine_similarity(p[1], t[0]).mean()) * -1
+    torch.testing.assert_close(method.loss(backbone, views, 0, 10), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_projector_variants():
+    """projection_mlp: lightly's SimCLRProjectionHead for the defaults; the reference CIFAR-10 ProjectionMLP and
+    the reference photonics projector for the other settings."""
+    from lightly.models.modules import SimCLRProjectionHead
+    from torch import nn
+
+    from essl.methods.simclr import projection_mlp
+
+    torch.manual_seed(0)
+    ours = projection_mlp(6, 10, 4)
+    torch.manual_seed(0)
+    lightly_head = SimCLRProjectionHead(6, 10, 4)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(ours(x), lightly_head(x))
+    phc = [type(m) for m in projection_mlp(6, 10, 4, layers=3, final_norm="none").layers]
+    assert phc == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    ref = list(projection_mlp(6, 10, 4, final_norm="bn_noaffine").layers)
+    assert not ref[-1].affine and ref[-2].bias is None
 
 
 def _tiny_backbone():
@@ -103,6 +178,13 @@ def test_lambda_zero_is_exactly_the_plain_method_and_skips_the_extra_forward():
     assert torch.equal(out2["ssl"], out["ssl"])
     assert torch.allclose(out2["loss"], out["ssl"] + lam * out2["equi"])
     assert 0.0 <= float(out2["equi_acc"]) <= 1.0
+
+
+def test_photonics_equivariance_head_uses_batchnorm():
+    branch = EquivarianceBranch("translate", 1024, 5.0, hidden_dim=512, norm="batchnorm")
+    kinds = [type(m).__name__ for m in branch.head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert branch.head[0].out_features == 512 and branch.head[-1].out_features == 4
 
 
 def test_equivariance_head_is_the_papers_mlp():

@@ -36,7 +36,7 @@ TOTAL_STEPS = BATCHES * EPOCHS
 COMMON = [
     f"trainer.max_epochs={EPOCHS}", f"trainer.limit_train_batches={BATCHES}", "data.batch_size=16",
     "data.image_size=16", "equivariance.crop_size=8", "backbone.kwargs.width=4", "equivariance.hidden_dim=16",
-    "method.hidden_dim=16", "progress=false", "trainer.deterministic=true", "seed=3", "data.num_workers=0",
+    "method.kwargs.hidden_dim=16", "progress=false", "trainer.deterministic=true", "seed=3", "data.num_workers=0",
 ]
 POLL_SECONDS = 0.02
 RUN_TIMEOUT = 300

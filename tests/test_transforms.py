@@ -94,3 +94,92 @@ def test_device_and_dtype_are_kept():
     x = torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.uint8)
     x_t, labels = transforms.transform(x, "rot4", mode="random")
     assert x_t.dtype == torch.uint8 and x_t.device == x.device == labels.device
+
+
+def _affine_permutation(element: transforms.Affine, n: int) -> torch.Tensor:
+    """Source index of every output pixel under an affine element, computed pixel by pixel from its definition
+    u -> R·u + t (mod 2n) in centred coordinates u = 2·index − (n − 1)."""
+    r, t = element
+    source = torch.empty(n * n, dtype=torch.long)
+    for qi in range(n):
+        for qj in range(n):
+            v = (2 * qi - (n - 1), 2 * qj - (n - 1))
+            u = (r[0] * v[0] + r[1] * v[1] + t[0], r[2] * v[0] + r[3] * v[1] + t[1])
+            pi, pj = (((c + n - 1) % (2 * n)) // 2 for c in u)
+            source[pi * n + pj] = qi * n + qj
+    return source
+
+
+@pytest.mark.parametrize("group", ["rot4", "flip4", "flip3", "hflip", "vflip", "c4v", "translate"])
+@pytest.mark.parametrize("n", [4, 6, 8])
+def test_element_algebra_matches_the_pixel_operations(group, n):
+    """The affine representation used to check configurations is the same permutation as the tensor ops."""
+    ops = transforms._element_ops(group, n, n, 2)
+    pixels = torch.arange(n * n).view(n, n)
+    for k, element in enumerate(transforms.element_maps(group, n)):
+        assert torch.equal(_affine_permutation(element, n), ops[k](pixels).reshape(-1)), (group, k)
+
+
+def test_composition_matches_applying_one_after_the_other():
+    n = 6
+    pixels = torch.arange(n * n).view(n, n)
+    rot, flip = transforms._element_ops("rot4", n, n, 2)[1], transforms._element_ops("flip4", n, n, 2)[1]
+    shift = transforms.element_maps("shift", n)[7]  # rows 1, cols 1
+    both = transforms.compose(transforms.compose(shift, transforms.element_maps("flip4", n)[1], n),
+                              transforms.element_maps("rot4", n)[1], n)
+    expected = rot(flip(torch.roll(pixels, (1, 1), dims=(0, 1))))
+    assert torch.equal(_affine_permutation(both, n), expected.reshape(-1))
+
+
+@pytest.mark.parametrize("before,group,merged", [
+    (["flip4"], "rot4", [(0, 2), (1, 3)]),  # flip4 holds the 180° rotation: the old photonics bug
+    (["shift", "flip4"], "rot4", [(0, 2), (1, 3)]),
+    (["shift", "flip3"], "rot4", [(0, 2), (1, 3)]),  # partly: r0·fH = r2·fW
+    (["shift"], "rot4", []),  # translations never equal rotations
+    (["hflip"], "rot4", []),  # the paper's crop view flips images before predicting rotations
+    (["hflip"], "flip4", [(0, 1), (2, 3)]),
+    (["flip3", "rot4"], "translate", []),  # the blob views keep the half-cell translations apart
+    (["halfshift"], "translate", [(i, j) for i in range(4) for j in range(i + 1, 4)]),
+    ([], "c4v", []),
+])
+def test_merged_elements_known_answers(before, group, merged):
+    n = 16
+    assert transforms.merged_elements(group, [transforms.element_maps(op, n) for op in before], n) == merged
+
+
+def test_merged_elements_agrees_with_brute_force_images():
+    """Independent check on real pixels: with [flip3] before rot4, some draws give the same image for labels 0
+    and 2 (so they merge), and with [shift] none does for a cell without symmetry."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 6)
+
+    def images(before: list[str], label: int) -> set[bytes]:
+        outs = set()
+        sets = [transforms._element_ops(op, 6, 6, 2) if op != "shift" else
+                [lambda z, i=i, j=j: torch.roll(z, (i, j), dims=(-2, -1)) for i in range(6) for j in range(6)]
+                for op in before]
+        combos = [[lambda z: z]]
+        for ops in sets:
+            combos = [c + [op] for c in combos for op in ops]
+        for combo in combos:
+            z = x
+            for op in combo:
+                z = op(z)
+            outs.add(torch.rot90(z, label, dims=(-2, -1)).numpy().tobytes())
+        return outs
+
+    assert images(["flip3"], 0) & images(["flip3"], 2)
+    assert not images(["shift"], 0) & images(["shift"], 2)
+    assert not images(["shift"], 1) & images(["shift"], 3)
+
+
+@pytest.mark.parametrize("group,grid,shape", [("hflip", 2, (5, 2, 6, 7)), ("vflip", 2, (4, 1, 5, 5)),
+                                              ("flip3", 2, (6, 1, 6, 6))])
+def test_new_flip_sets_are_exact(group, grid, shape):
+    x = torch.randn(shape)
+    labels = torch.arange(len(x)) % transforms.group_size(group, grid)
+    y = transforms.apply(x, group, labels, grid)
+    for i in range(len(x)):
+        dims = {"hflip": [(), (-1,)], "vflip": [(), (-2,)], "flip3": [(), (-1,), (-2,)]}[group][int(labels[i])]
+        assert torch.equal(y[i], x[i].flip(dims) if dims else x[i])
+    assert torch.equal(transforms.apply(y, group, transforms.inverse_labels(group, labels, grid), grid), x)

@@ -5,6 +5,8 @@ by a target network (momentum copies of backbone and projection, no gradients). 
 weights by an exponential moving average whose momentum rises from ``momentum_base`` to 1 on a cosine
 schedule. Heads, loss and EMA update are lightly's (``BYOLProjectionHead``, ``BYOLPredictionHead``,
 ``NegativeCosineSimilarity``, ``update_momentum``, ``cosine_schedule``); the loss is symmetrised over views.
+``separate_passes=True`` sends the two views through the networks one after the other (BatchNorm statistics per
+view); the default sends them as one batch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 
 
 class BYOL(nn.Module):
+    """BYOL (Grill et al. 2020): an online network regresses a momentum target network's projection."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -28,8 +32,13 @@ class BYOL(nn.Module):
         output_dim: int = 256,
         momentum_base: float = 0.99,
         momentum_end: float = 1.0,
+        separate_passes: bool = False,
     ):
         super().__init__()
+        if not 0.0 <= momentum_base <= momentum_end <= 1.0:
+            raise ValueError(f"momenta must satisfy 0 <= momentum_base <= momentum_end <= 1, got "
+                             f"{momentum_base}, {momentum_end}")
+        self.separate_passes = separate_passes
         self.projection = BYOLProjectionHead(feature_dim, hidden_dim, output_dim)
         self.prediction = BYOLPredictionHead(output_dim, hidden_dim, output_dim)
         self.target_backbone = copy.deepcopy(backbone)
@@ -56,10 +65,10 @@ class BYOL(nn.Module):
         if len(views) != 2:
             raise ValueError(f"BYOL takes 2 views, got {len(views)}")
         self.update_target(backbone, step, max_steps)
-        x = torch.cat(views)  # (2B, C, H, W)
-        p = self.prediction(self.projection(backbone(x)))  # (2B, output_dim)
+        batches = views if self.separate_passes else [torch.cat(views)]  # 2 × (B, C, H, W) or (2B, C, H, W)
+        p = torch.cat([self.prediction(self.projection(backbone(x))) for x in batches])  # (2B, output_dim)
         with torch.no_grad():
-            t = self.target_projection(self.target_backbone(x))  # (2B, output_dim)
+            t = torch.cat([self.target_projection(self.target_backbone(x)) for x in batches])
         p0, p1 = p.chunk(2)
         t0, t1 = t.chunk(2)
         return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))

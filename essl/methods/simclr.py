@@ -1,20 +1,83 @@
 """SimCLR (Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020).
 
-Two views of each image go through the backbone in one pass and a 2-layer MLP projection head; the NT-Xent
-(InfoNCE) loss treats the other view of the same image as the positive and the other 2B − 2 projections as
-negatives. Heads and loss are lightly's (``SimCLRProjectionHead``, ``NTXentLoss``); with
-``gather_distributed=True`` the negatives are gathered from every DDP rank.
+Two views of each image go through the backbone and an MLP projection head, and an InfoNCE loss treats the other
+view of the same image as the positive. Two choices of negatives (``negatives``):
+
+* ``"all"`` — NT-Xent, the usual SimCLR loss: every other projection of the batch, 2B − 2 negatives per anchor
+  (lightly's ``NTXentLoss``);
+* ``"cross_view"`` — the loss of the E-SSL reference CIFAR-10 code (Dangovski et al., ICLR 2022; rdangovs/essl
+  ``cifar10/main.py``, ``info_nce_loss``): logits z₁·z₂ᵀ/T, so an anchor's negatives are only the *other view's*
+  B − 1 samples; symmetrised, ½·(ℓ(z₁, z₂) + ℓ(z₂, z₁)).
+
+The projection head is lightly's ``ProjectionHead``: ``projector_layers`` linear layers with BatchNorm and ReLU
+between them and a last layer followed by ``projector_final_norm``: ``"bn"`` (lightly's ``SimCLRProjectionHead``),
+``"bn_noaffine"`` (a BatchNorm without learned scale and shift, as the reference CIFAR-10 projector) or ``"none"``
+(the reference photonics projector). ``separate_passes=True`` sends the two views through the backbone one after
+the other, as the reference code does, so that BatchNorm statistics are computed per view; the default sends them
+in one batch (shared statistics). With ``gather_distributed=True`` the negatives come from every DDP rank.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightly.loss import NTXentLoss
-from lightly.models.modules import SimCLRProjectionHead
+from lightly.models.modules.heads import ProjectionHead
+from lightly.utils import dist
 from torch import Tensor, nn
+
+NEGATIVES = ("all", "cross_view")
+FINAL_NORMS = ("bn", "bn_noaffine", "none")
+
+
+def projection_mlp(input_dim: int, hidden_dim: int, output_dim: int, layers: int = 2,
+                   final_norm: str = "bn") -> ProjectionHead:
+    """Linear → BN → ReLU (``layers`` − 1 times), then Linear → ``final_norm``; biases only where no BN follows."""
+    if layers < 1:
+        raise ValueError(f"projector_layers must be >= 1, got {layers}")
+    if final_norm not in FINAL_NORMS:
+        raise ValueError(f"projector_final_norm {final_norm!r} is not one of {', '.join(FINAL_NORMS)}")
+    blocks = []
+    width = input_dim
+    for _ in range(layers - 1):
+        blocks.append((width, hidden_dim, nn.BatchNorm1d(hidden_dim), nn.ReLU()))
+        width = hidden_dim
+    last = {"bn": nn.BatchNorm1d(output_dim), "bn_noaffine": nn.BatchNorm1d(output_dim, affine=False),
+            "none": None}[final_norm]
+    blocks.append((width, output_dim, last, None))
+    return ProjectionHead(blocks)
+
+
+class CrossViewInfoNCE(nn.Module):
+    """Symmetrised InfoNCE with the other view's samples as the only negatives (rdangovs/essl, CIFAR-10).
+
+    ℓ(a, b) = CE(â·b̂ᵀ / T, arange(B)) with â, b̂ the L2-normalised projections; the loss is ½·(ℓ(z₁, z₂) +
+    ℓ(z₂, z₁)). Under DDP with ``gather_distributed`` the keys b̂ are gathered from every rank (with gradients).
+    """
+
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+
+    def _one_way(self, queries: Tensor, keys: Tensor) -> Tensor:
+        q = F.normalize(queries, dim=1)  # (B, D)
+        k = F.normalize(keys, dim=1)
+        offset = 0
+        if self.gather_distributed and dist.world_size() > 1:
+            offset = dist.rank() * len(k)
+            k = torch.cat(dist.gather(k))  # (world·B, D)
+        logits = q @ k.T / self.temperature  # (B, world·B)
+        labels = torch.arange(len(q), device=q.device) + offset
+        return F.cross_entropy(logits, labels)
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        return 0.5 * (self._one_way(z0, z1) + self._one_way(z1, z0))
 
 
 class SimCLR(nn.Module):
+    """SimCLR (Chen et al. 2020): InfoNCE between two views; all or cross-view negatives."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -22,17 +85,31 @@ class SimCLR(nn.Module):
         hidden_dim: int = 2048,
         output_dim: int = 128,
         temperature: float = 0.5,
+        negatives: str = "all",
+        projector_layers: int = 2,
+        projector_final_norm: str = "bn",
+        separate_passes: bool = False,
         gather_distributed: bool = False,
     ):
         super().__init__()
         del backbone  # SimCLR keeps no copy of the backbone: the LightningModule owns it
-        self.projection = SimCLRProjectionHead(feature_dim, hidden_dim, output_dim)
-        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives {negatives!r} is not one of {', '.join(NEGATIVES)}")
+        self.projection = projection_mlp(feature_dim, hidden_dim, output_dim, projector_layers, projector_final_norm)
+        if negatives == "all":
+            self.criterion: nn.Module = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+        else:
+            self.criterion = CrossViewInfoNCE(temperature=temperature, gather_distributed=gather_distributed)
+        self.separate_passes = separate_passes
 
     def loss(self, backbone: nn.Module, views: list[Tensor], step: int = 0, max_steps: int = 1) -> Tensor:
-        """NT-Xent between the two views; both pass the backbone in one batch (shared BatchNorm statistics)."""
+        """The InfoNCE loss between the two views' projections."""
         if len(views) != 2:
             raise ValueError(f"SimCLR takes 2 views, got {len(views)}")
-        z = self.projection(backbone(torch.cat(views)))  # (2B, output_dim)
-        z0, z1 = z.chunk(2)
+        if self.separate_passes:  # BatchNorm statistics per view (reference code)
+            z0, z1 = (self.projection(backbone(v)) for v in views)
+        else:
+            z0, z1 = self.projection(backbone(torch.cat(views))).chunk(2)  # (B, output_dim) each
         return self.criterion(z0, z1)
