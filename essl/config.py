@@ -75,6 +75,8 @@ class EquivarianceConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hidden_dim: int = 2048
     norm: str = "layernorm"  # head normalisation: layernorm (CIFAR-10 reference) | batchnorm (photonics reference)
+    last_relu: bool = True  # ReLU after the second hidden layer (false: the reference's CIFAR-10 E-SimSiam head)
+    bottleneck_dim: int | None = None  # extra Linear + norm before the output (256: the reference's ImageNet heads)
     strict: bool = True  # refuse inputs that make predicted elements indistinguishable (false: warn; ablations only)
 
 
@@ -101,6 +103,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 10.0
     final_lr_ratio: float = 0.0
+    exclude_bias_norm: bool | None = None  # biases/norm weights: no weight decay nor LARS adaptation (None: lars only)
+    bias_lr_ratio: float = 1.0  # their learning rate relative to the weights' (Barlow Twins' LARS: 0.0048 / 0.2)
 
 
 @dataclass

@@ -17,19 +17,24 @@ from essl import transforms
 HEAD_NORMS = {"layernorm": nn.LayerNorm, "batchnorm": nn.BatchNorm1d}
 
 
-def equivariance_head(feature_dim: int, hidden_dim: int, n_classes: int, norm: str = "layernorm") -> nn.Sequential:
-    """The paper's prediction head: two hidden layers with ``norm`` (LayerNorm, 512 → 2048 → 2048 → 4, on
-    CIFAR-10; BatchNorm, 1024 → 512 → 512 → 4, on photonic crystals)."""
+def equivariance_head(feature_dim: int, hidden_dim: int, n_classes: int, norm: str = "layernorm",
+                      last_relu: bool = True, bottleneck_dim: int | None = None) -> nn.Sequential:
+    """The reference code's prediction head: Linear → norm → ReLU → Linear → norm → ReLU (without this second ReLU
+    when ``last_relu`` is false), optionally a bottleneck Linear → norm of width ``bottleneck_dim``, then Linear to
+    the group's elements. The reference's heads: CIFAR-10 E-SimCLR 512 → 2048 → 2048 → 4 with LayerNorm (E-SimSiam:
+    no second ReLU); ImageNet E-SimSiam / E-Barlow Twins 2048 → 2048 → 2048 → 256 → 4 with LayerNorm; photonics
+    1024 → 512 → 512 → 4 with BatchNorm."""
     layer = HEAD_NORMS[norm]
-    return nn.Sequential(
-        nn.Linear(feature_dim, hidden_dim),
-        layer(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim),
-        layer(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, n_classes),
-    )
+    layers: list[nn.Module] = [nn.Linear(feature_dim, hidden_dim), layer(hidden_dim), nn.ReLU(inplace=True),
+                               nn.Linear(hidden_dim, hidden_dim), layer(hidden_dim)]
+    if last_relu:
+        layers.append(nn.ReLU(inplace=True))
+    width = hidden_dim
+    if bottleneck_dim:
+        layers += [nn.Linear(hidden_dim, bottleneck_dim), layer(bottleneck_dim)]
+        width = bottleneck_dim
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
 
 
 class EquivarianceBranch(nn.Module):
@@ -44,10 +49,13 @@ class EquivarianceBranch(nn.Module):
         mode: str = "all",
         grid: int = 2,
         norm: str = "layernorm",
+        last_relu: bool = True,
+        bottleneck_dim: int | None = None,
     ):
         super().__init__()
         self.group, self.mode, self.grid, self.weight = group, mode, grid, weight
-        self.head = equivariance_head(feature_dim, hidden_dim, transforms.group_size(group, grid), norm)
+        self.head = equivariance_head(feature_dim, hidden_dim, transforms.group_size(group, grid), norm, last_relu,
+                                      bottleneck_dim)
 
     def make_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, h, w) -> (x_t, labels): (G·B or B, C, h, w) and int64 labels, exact."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightly.utils.lars import LARS
-from lightly.utils.scheduler import CosineWarmupScheduler
+from lightly.utils.scheduler import cosine_warmup_schedule
 from torch import Tensor, nn
 
 from essl.augment import ViewMaker, to_float
@@ -36,6 +36,29 @@ class OptimSpec:
     weight_decay: float = 5e-4
     warmup_epochs: float = 10.0
     final_lr_ratio: float = 0.0  # cosine decay to lr · final_lr_ratio
+    exclude_bias_norm: bool | None = None  # biases and norm weights: no weight decay, no LARS adaptation (None:
+    # only with LARS, as Barlow Twins / BYOL / SimCLR do)
+    bias_lr_ratio: float = 1.0  # their learning rate relative to the weights' (Barlow Twins: 0.0048 / 0.2)
+
+
+def optimizer_groups(named: list[tuple[str, nn.Parameter]], spec: OptimSpec,
+                     fixed_lr: set[int]) -> list[dict]:
+    """Parameter groups: weights; biases and norm weights (1-d tensors) apart when excluded (no weight decay, which
+    also switches lightly's LARS adaptation off, and ``bias_lr_ratio``); and parameters whose ``id`` is in
+    ``fixed_lr`` (e.g. SimSiam's predictor) in their own groups that keep the peak learning rate (``fixed_lr``)."""
+    exclude = spec.exclude_bias_norm if spec.exclude_bias_norm is not None else spec.name == "lars"
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for _, p in named:
+        if not p.requires_grad:
+            continue
+        key = (exclude and p.ndim <= 1, id(p) in fixed_lr)
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (bias_norm, fixed), params in sorted(buckets.items()):
+        lr = spec.lr * (spec.bias_lr_ratio if bias_norm else 1.0)
+        groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if bias_norm else spec.weight_decay,
+                       "fixed_lr": fixed})
+    return groups
 
 
 class ESSLModule(L.LightningModule):
@@ -181,18 +204,23 @@ class ESSLModule(L.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
         o = self.optim
+        fixed = {id(p) for p in getattr(self.method, "fixed_lr_parameters", lambda: [])()}
+        groups = optimizer_groups(list(self.named_parameters()), o, fixed)
         if o.name == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         elif o.name == "lars":
-            opt = LARS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+            opt = LARS(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         elif o.name == "adamw":
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {o.name!r}")
         max_steps = self.max_steps()
         epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
         warmup = min(max_steps, int(round(o.warmup_epochs * max_steps / epochs)))
-        sched = CosineWarmupScheduler(opt, warmup_epochs=warmup, max_epochs=max_steps, end_value=o.final_lr_ratio)
+
+        def cosine(step: int) -> float:  # linear warm-up from 0, then cosine to final_lr_ratio (per step)
+            return cosine_warmup_schedule(min(step, max_steps), max_steps, 1.0, o.final_lr_ratio, warmup, 0.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [(lambda _: 1.0) if g["fixed_lr"] else cosine for g in groups])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -75,14 +75,16 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
     view = LatticeViews(lattice, data.mean, data.std) if lattice else crop_views(data.size, tuple(a.crop_scale))
     branch, eq_view = None, None
     if e.weight > 0:
-        branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid, e.norm)
+        branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid, e.norm, e.last_relu,
+                                    e.bottleneck_dim)
         # the branch's own input (docs/design.md): the paper's crop view for images, the raw cell (plus only
         # operations that keep the predicted elements apart, checked in essl.config) for unit cells
         eq_view = crop_views(e.crop_size, tuple(e.crop_scale)) if e.view == "crop" else LatticeViews(
             list(e.lattice), data.mean, data.std)
     o = cfg.optim
     lr = o.lr * global_batch / LR_REFERENCE_BATCH if o.scale_lr else o.lr
-    optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio)
+    optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio,
+                      o.exclude_bias_norm, o.bias_lr_ratio)
     module = ESSLModule(
         backbone,
         method,

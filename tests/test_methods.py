@@ -193,3 +193,37 @@ def test_equivariance_head_is_the_papers_mlp():
     assert kinds == ["Linear", "LayerNorm", "ReLU", "Linear", "LayerNorm", "ReLU", "Linear"]
     assert branch.head[0].in_features == 512 and branch.head[0].out_features == 2048
     assert branch.head[-1].out_features == 4
+
+
+def test_optimizer_groups_exclude_bias_and_norm_and_keep_fixed_lr():
+    """LARS: 1-d parameters (biases, norm weights) get no weight decay, which switches lightly's LARS adaptation
+    off for them, and their own learning rate; parameters a method marks keep the peak learning rate while the
+    cosine schedule moves the rest."""
+    from essl.module import optimizer_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))
+    named = list(net.named_parameters())
+    fixed = {id(p) for p in net[2].parameters()}
+    spec = OptimSpec(name="lars", lr=0.2, weight_decay=1e-6, bias_lr_ratio=0.024)
+    groups = optimizer_groups(named, spec, fixed)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    for name, p in named:
+        g = by_id[id(p)]
+        assert g["fixed_lr"] == (id(p) in fixed), name
+        assert (g["weight_decay"] == 0.0) == (p.ndim == 1), name
+        assert g["lr"] == pytest.approx(0.2 * (0.024 if p.ndim == 1 else 1.0)), name
+    sgd = optimizer_groups(named, OptimSpec(name="sgd", weight_decay=5e-4), set())
+    assert all(g["weight_decay"] == 5e-4 for g in sgd)  # no exclusion unless asked (or LARS)
+
+
+def test_equivariance_head_variants_of_the_reference():
+    from torch import nn
+
+    from essl.equivariance import equivariance_head
+
+    simsiam = [type(m) for m in equivariance_head(512, 2048, 4, last_relu=False)]
+    assert simsiam == [nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear, nn.LayerNorm, nn.Linear]
+    imagenet = equivariance_head(2048, 2048, 4, bottleneck_dim=256)
+    assert [type(m) for m in imagenet][-3:] == [nn.Linear, nn.LayerNorm, nn.Linear]
+    assert imagenet[-3].out_features == 256 and imagenet[-1].in_features == 256
