@@ -55,10 +55,12 @@ def _blur_kernel(size: int) -> int:
     return k if k % 2 else k + 1
 
 
-def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], std: Sequence[float],
+                        normalize: bool = True) -> nn.Module:
     """A kornia pipeline producing one view of a float batch in [0, 1]: (B, C, H, W) -> (B, C, size, size).
 
-    Colour operations that need RGB (saturation, hue, grayscale) are left out for single-channel inputs.
+    Colour operations that need RGB (saturation, hue, grayscale) are left out for single-channel inputs. With
+    ``normalize=False`` the view stays in [0, 1] (the equivariance branch transforms, then normalises).
     """
     ops: list[nn.Module] = [
         K.RandomResizedCrop((spec.size, spec.size), scale=spec.scale, cropping_mode="resample"),
@@ -77,7 +79,8 @@ def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], st
         ops.append(K.RandomGaussianBlur((k, k), spec.blur_sigma, p=spec.blur_prob))
     if spec.solarize_prob > 0:
         ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_prob))
-    ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
+    if normalize:
+        ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
     return nn.Sequential(*ops)
 
 
@@ -86,8 +89,9 @@ class ViewMaker(nn.Module):
 
     The equivariance branch's input (``eq_pipeline``) is never one of the invariant views: for images it is the
     paper's own rotation view (``RandomResizedCrop(16)`` on CIFAR-10 with the same flip and colour operations),
-    for unit cells the raw cell (:class:`LatticeViews` with no or only label-preserving operations). The group
-    transformation itself is applied afterwards by :mod:`essl.transforms`, so its labels stay exact.
+    for unit cells the raw cell (:class:`LatticeViews` with no or only label-preserving operations). It is left
+    un-normalised (images in [0, 1]): the group transformation (:mod:`essl.transforms`, exact labels; colour
+    inversion, grayscale and blur act on [0, 1] values) comes first, the normalisation after it.
     """
 
     def __init__(self, view_pipeline: nn.Module, n_views: int = 2, eq_pipeline: nn.Module | None = None):
@@ -140,14 +144,16 @@ class LatticeViews(nn.Module):
     raw cell, normalised (the input of the reference's equivariance branch).
     """
 
-    def __init__(self, ops: Sequence[str], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, ops: Sequence[str], mean: Sequence[float], std: Sequence[float], normalize: bool = True):
         super().__init__()
         unknown = [op for op in ops if op not in LATTICE_OPS]
         if unknown:
             raise ValueError(f"unknown lattice operations {unknown}; choose from {', '.join(LATTICE_OPS)}")
         self.ops = tuple(ops)
+        self.normalize = normalize
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (lattice_augment(x, self.ops) - self.mean) / self.std
+        x = lattice_augment(x, self.ops)
+        return (x - self.mean) / self.std if self.normalize else x

@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from essl import transforms
 from essl.errors import UserError
 
 LR_REFERENCE_BATCH = 256  # lr is given per 256 images and scaled linearly by the global batch (Goyal et al.)
@@ -66,7 +67,7 @@ class EquivarianceConfig:
     """
 
     weight: float = 0.0
-    group: str = "rot4"  # rot4 | flip4 | hflip | vflip | c4v | translate
+    group: str = "rot4"  # `essl list groups`: rot4, hflip, vflip, flip4, c4v, translate, jigsaw, invert, ...
     mode: str = "all"  # all: every image in every element (paper) | random: one element per image
     grid: int = 2  # translate: nt x nt periodic shifts
     view: str = "crop"  # crop (images, the paper's rotation view) | raw (un-augmented; unit cells)
@@ -150,7 +151,7 @@ class Config:
 
 CHOICES = {
     "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder", "phc"),
-    "equivariance.group": ("rot4", "flip4", "hflip", "vflip", "c4v", "translate"),
+    "equivariance.group": transforms.GROUPS,
     "equivariance.mode": ("all", "random"),
     "equivariance.view": ("crop", "raw"),
     "equivariance.norm": ("layernorm", "batchnorm"),
@@ -228,8 +229,6 @@ def _validate(cfg: DictConfig) -> None:
 
 def _validate_views(cfg: DictConfig) -> None:
     """What the invariant views and the equivariance input get must fit the data and the predicted group."""
-    from essl import transforms
-
     a, e = cfg.augment, cfg.equivariance
     if cfg.data.name == "phc" and not a.lattice:
         raise UserError("config key 'augment.lattice': photonic-crystal maps (data.name=phc) take exact lattice "
@@ -248,12 +247,25 @@ def _validate_views(cfg: DictConfig) -> None:
     if e.group == "translate" and cfg.data.image_size % e.grid:
         raise UserError(f"config key 'equivariance.grid': {e.grid} does not divide data.image_size "
                         f"{cfg.data.image_size}")
+    if e.group in transforms.PHOTOMETRIC_GROUPS:
+        if a.lattice:
+            raise UserError(f"config key 'equivariance.group': {e.group} is an image colour operation; unit cells "
+                            "(augment.lattice set) take pixel permutations only")
+        # a random colour operation of the crop view that is the predicted one merges its elements
+        same = {"grayscale": "augment.grayscale_prob", "blur": "augment.blur_prob", "invert": "augment.solarize_prob"}
+        key = same[e.group]
+        if e.view == "crop" and OmegaConf.select(cfg, key) > 0:
+            raise UserError(f"config key {key!r} ({OmegaConf.select(cfg, key)}) with 'equivariance.group' "
+                            f"({e.group}): the crop view applies the predicted operation at random, which makes "
+                            f"its elements indistinguishable; set {key}=0 or equivariance.view=raw")
+        return
     # exact element algebra on a small grid with the same symmetry structure (see transforms.merged_elements)
     n = 8 * e.grid
     before = [("equivariance.lattice", op) for op in e.lattice]
     if e.view == "crop" and a.hflip_prob > 0:
         before.append(("augment.hflip_prob", "hflip"))  # the crop view flips images at random
-    merged = transforms.merged_elements(e.group, [transforms.element_maps(op, n) for _, op in before], n, e.grid)
+    perms = [transforms.element_permutations(op, n) for _, op in before]
+    merged = transforms.merged_elements(e.group, perms, n, e.grid)
     if merged:
         keys = " and ".join(f"{k!r} ({OmegaConf.select(cfg, k)})" for k in dict.fromkeys(k for k, _ in before))
         pairs = ", ".join(f"{i} and {j}" for i, j in merged)

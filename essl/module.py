@@ -98,7 +98,8 @@ class ESSLModule(L.LightningModule):
         views, eq_source = self.view_maker(x)
         batch: dict[str, object] = {"views": [v.contiguous(memory_format=self.memory_format) for v in views]}
         if self.equivariance is not None:
-            x_eq, labels = self.equivariance.make_batch(eq_source)  # (G·B, C, h, w), (G·B,)
+            x_eq, labels = self.equivariance.make_batch(eq_source)  # (G·B, C, h, w), (G·B,), data units
+            x_eq = (x_eq - self.input_mean) / self.input_std  # normalised after the transformation
             batch["x_eq"], batch["eq_labels"] = x_eq.contiguous(memory_format=self.memory_format), labels
         return batch
 

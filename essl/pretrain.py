@@ -68,8 +68,9 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         solarize_prob=a.solarize_prob,
     )
 
-    def crop_views(size: int, scale: tuple[float, float]) -> torch.nn.Module:
-        return build_view_pipeline(ViewSpec(size=size, scale=scale, **colour), data.channels, data.mean, data.std)
+    def crop_views(size: int, scale: tuple[float, float], normalize: bool = True) -> torch.nn.Module:
+        return build_view_pipeline(ViewSpec(size=size, scale=scale, **colour), data.channels, data.mean, data.std,
+                                   normalize)
 
     # invariant views: exact lattice symmetries of unit cells (the whole cell), or SimCLR's image crops
     view = LatticeViews(lattice, data.mean, data.std) if lattice else crop_views(data.size, tuple(a.crop_scale))
@@ -79,8 +80,12 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
                                     e.bottleneck_dim)
         # the branch's own input (docs/design.md): the paper's crop view for images, the raw cell (plus only
         # operations that keep the predicted elements apart, checked in essl.config) for unit cells
-        eq_view = crop_views(e.crop_size, tuple(e.crop_scale)) if e.view == "crop" else LatticeViews(
-            list(e.lattice), data.mean, data.std)
+        # un-normalised: the module normalises after the group transformation (colour groups act on [0, 1])
+        eq_view = crop_views(e.crop_size, tuple(e.crop_scale), False) if e.view == "crop" else LatticeViews(
+            list(e.lattice), data.mean, data.std, normalize=False)
+        if e.group == "grayscale" and data.channels != 3:
+            raise UserError(f"config key 'equivariance.group': grayscale needs colour images, {data.name} has "
+                            f"{data.channels} channel(s)")
     o = cfg.optim
     lr = o.lr * global_batch / LR_REFERENCE_BATCH if o.scale_lr else o.lr
     optim = OptimSpec(o.name, lr, o.momentum, o.weight_decay, o.warmup_epochs, o.final_lr_ratio,

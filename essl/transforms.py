@@ -1,12 +1,18 @@
 """Exact group transformations that return labels (the E-SSL prediction targets).
 
-Dangovski et al., "Equivariant Contrastive Learning" (ICLR 2022), predict *which* element of a small group
-was applied to an input: the four-fold rotation for images (Gidaris et al., 2018), the four flips, or one of
-the ``nt × nt`` periodic translations of a photonic-crystal unit cell (half-cell shifts for ``nt = 2``).
+Dangovski et al., "Equivariant Contrastive Learning" (ICLR 2022), predict *which* element of a small set of
+transformations was applied to an input: the four-fold rotation for images (Gidaris et al., 2018), flips, or one of
+the ``nt × nt`` periodic translations of a photonic-crystal unit cell (half-cell shifts for ``nt = 2``); their
+Figure 2 asks, for each transformation of a list, whether predicting it (equivariance) or making the representation
+invariant to it helps.
 
-Every transformation here is a pixel permutation, so it is exact: applying the inverse of the labelled
-element to the output gives back the input bit for bit. Rotations and flips use ``torch.rot90`` and
-``torch.flip`` (never an interpolating rotation); translations are integer ``torch.roll``-type shifts.
+Two kinds of transformations:
+
+* **pixel permutations** (rotations, flips, translations, the 2×2 jigsaw): exact, so applying the inverse of the
+  labelled element to the output gives back the input bit for bit. Rotations and flips use ``torch.rot90`` and
+  ``torch.flip`` (never an interpolating rotation); translations are integer ``torch.roll``-type shifts;
+* **photometric** ones (colour inversion, grayscale, blur): not invertible, but deterministic given the label, and
+  applied to images in [0, 1] *before* normalisation (the equivariance branch normalises after transforming).
 
 Two modes:
 
@@ -14,9 +20,9 @@ Two modes:
   first ``B`` rows are element 0, the next ``B`` element 1, ...). Labels are ``arange(G).repeat_interleave(B)``.
 * ``"random"``: one uniformly drawn element per image (a ``B`` batch).
 
-Both are vectorised: the ``"all"`` mode applies each of the ``G`` elements to the whole batch, the
-``"random"`` mode gathers pixels through a per-sample source-index map (no per-sample Python loop), on the
-input's device.
+Both are vectorised: the ``"all"`` mode applies each of the ``G`` elements to the whole batch, the ``"random"``
+mode gathers pixels through a per-sample source-index map (permutations) or selects per sample among the ``G``
+outputs (photometric), with no per-sample Python loop, on the input's device.
 
 Label conventions (``g`` is the label):
 
@@ -29,18 +35,37 @@ Label conventions (``g`` is the label):
 * ``c4v``: the 8 symmetries of the square, ``g = 4·f + k``: rotate by ``k`` quarter turns, then flip
   horizontally if ``f = 1``; square inputs only;
 * ``translate``: ``g = i·nt + j`` shifts rows by ``i·H/nt`` and columns by ``j·W/nt`` periodically
-  (``torch.roll(x, (i·H/nt, j·W/nt), dims=(-2, -1))``); ``H`` and ``W`` must be divisible by ``nt``.
+  (``torch.roll(x, (i·H/nt, j·W/nt), dims=(-2, -1))``); ``H`` and ``W`` must be divisible by ``nt``;
+* ``jigsaw``: the image cut into 2×2 tiles; ``g`` indexes the 24 permutations π of the tiles in
+  ``itertools.permutations(range(4))`` order, tiles numbered row-major; output tile ``t`` is input tile ``π[t]``;
+  ``H`` and ``W`` must be even;
+* ``invert``: 0 none, 1 colour inversion ``1 − x``;
+* ``grayscale``: 0 none, 1 the luma ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601, kornia's ``rgb_to_grayscale``) in
+  every channel; 3-channel inputs only;
+* ``blur``: 0 none, then Gaussian blurs with kernel sizes :data:`BLUR_KERNELS` and σ = 0.3·((k − 1)/2 − 1) + 0.8
+  (the usual σ of a k-tap kernel), reflect padding (kornia's ``gaussian_blur2d``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-GROUPS = ("rot4", "flip4", "hflip", "vflip", "c4v", "translate")
-"""Groups an equivariance head can predict."""
+PERMUTATION_GROUPS = ("rot4", "flip4", "hflip", "vflip", "c4v", "translate", "jigsaw")
+"""Exact pixel permutations: undone bit for bit by :func:`inverse_labels`."""
+PHOTOMETRIC_GROUPS = ("invert", "grayscale", "blur")
+"""Deterministic but not invertible: applied to images in [0, 1] before normalisation."""
+GROUPS = (*PERMUTATION_GROUPS, *PHOTOMETRIC_GROUPS)
+"""Transformation sets an equivariance head can predict (the paper's Figure 2 set plus flip4, c4v, translate)."""
+JIGSAW_PERMUTATIONS = tuple(itertools.permutations(range(4)))
+"""The 24 orders of the 2×2 tiles, in label order."""
+BLUR_KERNELS = (3, 5, 7)
+"""Kernel sizes of the three blur levels after "none"."""
+LUMA = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights (kornia's rgb_to_grayscale)."""
 ELEMENT_SETS = (*GROUPS, "flip3")
 """Everything :func:`transform` can apply at random: the groups and the reference's three-way flip."""
 MODES = ("all", "random")
@@ -52,8 +77,12 @@ def group_size(group: str, grid: int = 2) -> int:
         return 4
     if group == "flip3":
         return 3
-    if group in ("hflip", "vflip"):
+    if group in ("hflip", "vflip", "invert", "grayscale"):
         return 2
+    if group == "jigsaw":
+        return len(JIGSAW_PERMUTATIONS)
+    if group == "blur":
+        return 1 + len(BLUR_KERNELS)
     if group == "c4v":
         return 8
     if group == "translate":
@@ -83,7 +112,46 @@ def _element_ops(group: str, height: int, width: int, grid: int) -> list[Callabl
         return [
             lambda x, i=i, j=j: torch.roll(x, (i * dh, j * dw), dims=dims) for i in range(grid) for j in range(grid)
         ]
+    if group == "jigsaw":
+        if height % 2 or width % 2:
+            raise ValueError(f"jigsaw needs even H and W, got {height}x{width}")
+        return [lambda x, perm=perm: _jigsaw(x, perm) for perm in JIGSAW_PERMUTATIONS]
+    if group == "invert":
+        return [lambda x: x, lambda x: 1.0 - x]
+    if group == "grayscale":
+        return [lambda x: x, _grayscale]
+    if group == "blur":
+        return [lambda x: x] + [lambda x, k=k: _blur(x, k) for k in BLUR_KERNELS]
     raise ValueError(f"unknown transformation group {group!r}; choose one of {', '.join(ELEMENT_SETS)}")
+
+
+def _jigsaw(x: Tensor, perm: tuple[int, ...]) -> Tensor:
+    """Output tile t (row-major in the 2×2 grid) is input tile perm[t]."""
+    h, w = x.shape[-2] // 2, x.shape[-1] // 2
+    tiles = [x[..., r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(2) for c in range(2)]
+    top = torch.cat([tiles[perm[0]], tiles[perm[1]]], dim=-1)
+    bottom = torch.cat([tiles[perm[2]], tiles[perm[3]]], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    from kornia.color import rgb_to_grayscale
+
+    if x.shape[-3] != 3:
+        raise ValueError(f"grayscale needs 3-channel images, got {x.shape[-3]} channels")
+    return rgb_to_grayscale(x).expand_as(x).contiguous()
+
+
+def blur_sigma(kernel: int) -> float:
+    """σ of a Gaussian with ``kernel`` taps: 0.3·((k − 1)/2 − 1) + 0.8."""
+    return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
+
+
+def _blur(x: Tensor, kernel: int) -> Tensor:
+    from kornia.filters import gaussian_blur2d
+
+    s = blur_sigma(kernel)
+    return gaussian_blur2d(x, (kernel, kernel), (s, s), border_type="reflect")
 
 
 def _source_index(group: str, height: int, width: int, grid: int, device: torch.device) -> Tensor:
@@ -109,8 +177,12 @@ def gather_pixels(x: Tensor, index: Tensor) -> Tensor:
 def apply(x: Tensor, group: str, labels: Tensor, grid: int = 2) -> Tensor:
     """Apply element ``labels[b]`` of ``group`` to image ``x[b]`` (x: (B, C, H, W), labels: (B,) int)."""
     h, w = x.shape[-2:]
+    labels = labels.to(x.device)
+    if group in PHOTOMETRIC_GROUPS:  # every element on the whole batch, then one per sample (G is 2-4)
+        outs = torch.stack([op(x) for op in _element_ops(group, h, w, grid)])  # (G, B, C, H, W)
+        return outs.gather(0, labels.view(1, -1, 1, 1, 1).expand(1, *x.shape))[0]
     table = _source_index(group, h, w, grid, x.device)  # (G, H·W)
-    return gather_pixels(x, table[labels.to(x.device)])
+    return gather_pixels(x, table[labels])
 
 
 def inverse_labels(group: str, labels: Tensor, grid: int = 2) -> Tensor:
@@ -126,6 +198,11 @@ def inverse_labels(group: str, labels: Tensor, grid: int = 2) -> Tensor:
     if group == "translate":
         i, j = labels // grid, labels % grid
         return ((-i) % grid) * grid + (-j) % grid
+    if group == "jigsaw":
+        inverse = [JIGSAW_PERMUTATIONS.index(tuple(sorted(range(4), key=p.__getitem__))) for p in JIGSAW_PERMUTATIONS]
+        return torch.tensor(inverse, device=labels.device)[labels]
+    if group in PHOTOMETRIC_GROUPS:
+        raise ValueError(f"{group} is not invertible")
     raise ValueError(f"unknown transformation group {group!r}; choose one of {', '.join(ELEMENT_SETS)}")
 
 
@@ -178,66 +255,37 @@ def random_shift(x: Tensor, generator: torch.Generator | None = None) -> tuple[T
 
 # ---- element algebra: which predicted elements does an invariance operation make indistinguishable? -------
 #
-# Every operation above is an affine map of the pixel grid. In centred coordinates u = 2·index − (n − 1) (odd
-# integers, one per pixel centre) a rotation or mirror about the image centre is u -> R·u with R in C4v, and a
-# periodic shift by s pixels is u -> u + 2s (mod 2n). An element is the pair (R, t): u -> R·u + t (mod 2n);
-# composition is (R1, t1)∘(R2, t2) = (R1·R2, R1·t2 + t1). The representation is exact for square n×n inputs,
-# and tests check it against the pixel operations themselves.
+# Every pixel operation is a permutation of the n×n grid: an element is the tuple ``source`` with output pixel p
+# reading input pixel source[p]. "Apply a, then b" is the permutation p -> a[b[p]]. The permutations are built from
+# the tensor operations themselves, on an image of pixel indices.
 
-Affine = tuple[tuple[int, int, int, int], tuple[int, int]]  # ((r00, r01, r10, r11), (t0, t1)) mod 2n
-
-_IDENTITY_R = (1, 0, 0, 1)
-_ROT90_R = (0, -1, 1, 0)  # torch.rot90(x, 1, dims=(-2, -1)): (row, col) -> (-col, row) in centred coordinates
-_FLIP_W_R = (1, 0, 0, -1)  # x.flip(-1)
-_FLIP_H_R = (-1, 0, 0, 1)  # x.flip(-2)
+Permutation = tuple[int, ...]
 
 
-def _mat_mul(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int, int]:
-    return (a[0] * b[0] + a[1] * b[2], a[0] * b[1] + a[1] * b[3], a[2] * b[0] + a[3] * b[2], a[2] * b[1] + a[3] * b[3])
+def compose(first: Permutation, second: Permutation) -> Permutation:
+    """The element "apply ``first``, then ``second``"."""
+    return tuple(first[i] for i in second)
 
 
-def compose(first: Affine, second: Affine, n: int) -> Affine:
-    """The element "apply ``first``, then ``second``" on an n×n grid."""
-    (r2, t2), (r1, t1) = first, second
-    t = (r1[0] * t2[0] + r1[1] * t2[1] + t1[0], r1[2] * t2[0] + r1[3] * t2[1] + t1[1])
-    return _mat_mul(r1, r2), (t[0] % (2 * n), t[1] % (2 * n))
+def element_permutations(name: str, n: int, grid: int = 2) -> list[Permutation]:
+    """The elements of ``name`` as permutations of an n×n grid, in label order.
 
-
-def _rotation(k: int) -> tuple[int, int, int, int]:
-    r = _IDENTITY_R
-    for _ in range(k % 4):
-        r = _mat_mul(_ROT90_R, r)
-    return r
-
-
-def element_maps(name: str, n: int, grid: int = 2) -> list[Affine]:
-    """The elements of ``name`` as affine maps of an n×n grid, in label order.
-
-    ``name``: a group of :data:`GROUPS`, ``flip3``, or the invariance operations ``shift`` (every periodic shift
-    by whole pixels) and ``halfshift`` (the 4 half-cell shifts).
+    ``name``: a pixel-permutation group of :data:`PERMUTATION_GROUPS`, ``flip3``, or the invariance operations
+    ``shift`` (every periodic shift by whole pixels) and ``halfshift`` (the 4 half-cell shifts).
     """
-    zero = (0, 0)
-    if name == "rot4":
-        return [(_rotation(k), zero) for k in range(4)]
-    if name in ("flip4", "flip3"):
-        flips = [_IDENTITY_R, _FLIP_W_R, _FLIP_H_R, _mat_mul(_FLIP_H_R, _FLIP_W_R)]
-        return [(r, zero) for r in flips[: group_size(name)]]
-    if name in ("hflip", "vflip"):
-        return [(_IDENTITY_R, zero), (_FLIP_W_R if name == "hflip" else _FLIP_H_R, zero)]
-    if name == "c4v":
-        rots = [_rotation(k) for k in range(4)]
-        return [(r, zero) for r in rots] + [(_mat_mul(_FLIP_W_R, r), zero) for r in rots]
-    if name in ("translate", "halfshift", "shift"):
-        steps = {"translate": grid, "halfshift": 2, "shift": n}[name]
-        if n % steps:
-            raise ValueError(f"{name} needs a grid size divisible by {steps}, got {n}")
-        d = n // steps
-        shifts = [(2 * i * d) % (2 * n) for i in range(steps)]
-        return [(_IDENTITY_R, (ti, tj)) for ti in shifts for tj in shifts]
-    raise ValueError(f"unknown transformation {name!r}")
+    pixels = torch.arange(n * n).view(n, n)
+    if name == "shift":
+        ops = [lambda x, i=i, j=j: torch.roll(x, (i, j), dims=(-2, -1)) for i in range(n) for j in range(n)]
+    elif name == "halfshift":
+        ops = _element_ops("translate", n, n, 2)
+    elif name in (*PERMUTATION_GROUPS, "flip3"):
+        ops = _element_ops(name, n, n, grid)
+    else:
+        raise ValueError(f"{name!r} is not a pixel permutation")
+    return [tuple(op(pixels).reshape(-1).tolist()) for op in ops]
 
 
-def merged_elements(group: str, before: list[list[Affine]], n: int, grid: int = 2) -> list[tuple[int, int]]:
+def merged_elements(group: str, before: list[list[Permutation]], n: int, grid: int = 2) -> list[tuple[int, int]]:
     """Pairs of labels (g, g') of ``group`` that random operations applied *before* it make indistinguishable.
 
     ``before`` lists element sets applied in order (each one random element). Labels g and g' merge when some
@@ -245,8 +293,8 @@ def merged_elements(group: str, before: list[list[Affine]], n: int, grid: int = 
     classifier can separate them on any data (e.g. ``flip4`` holds the 180° rotation, so before ``rot4`` it merges
     g and g + 2 and caps the accuracy at 50%). An empty list means every element stays identifiable.
     """
-    combined: set[Affine] = {(_IDENTITY_R, (0, 0))}
+    combined: set[Permutation] = {tuple(range(n * n))}
     for elements in before:
-        combined = {compose(a, b, n) for a in combined for b in elements}
-    images = [{compose(a, g, n) for a in combined} for g in element_maps(group, n, grid)]
+        combined = {compose(a, b) for a in combined for b in elements}
+    images = [{compose(a, g) for a in combined} for g in element_permutations(group, n, grid)]
     return [(i, j) for i in range(len(images)) for j in range(i + 1, len(images)) if images[i] & images[j]]

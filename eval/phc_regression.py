@@ -1,50 +1,62 @@
-"""DOS regression of photonic crystals from a pretrained encoder, beside the same network trained from scratch.
+"""DOS regression of photonic crystals: fine-tune a pretrained encoder (or train a head on it), beside the same
+network trained from scratch.
 
 The downstream task of the photonics experiment of Dangovski et al., "Equivariant Contrastive Learning"
 (ICLR 2022), after Loh et al., "Surrogate- and invariance-boosted contrastive learning for data-scarce
 applications in science" (Nature Communications 13, 4223, 2022): predict the density of states (DOS) of a 2D
-photonic crystal from its 32×32 permittivity map, from few labels, and score the relative L1 error.
+photonic crystal from its 32×32 permittivity map, from few labels, and score the relative L1 error. The
+defaults are the authors' fine-tuning (GitHub rdangovs/essl, ``photonics/main.py`` ``finetune_model``,
+``photonics/phc_models.py`` ``Net``/``PredictorDOS``); every number taken from there is a named constant below
+with its source.
 
 Protocol (what ``essl phc regress`` reports):
 
 * **Labels.** For seed ``s`` the train file is permuted with a generator seeded by ``s``; its first
   ``n_labels`` structures are the labelled set. The first ``round(val_fraction · n_labels)`` of them (at least
-  one) form the validation split, the rest the fitting split. Encoder and scratch runs of one seed see exactly
-  the same labels.
-* **Networks.** A DOS head (:class:`DOSHead`, the MLP 1024 → 1024 → 512 → 400 of the paper, hidden sizes
-  scaled down for narrower encoders) on
+  one) form the validation split, the rest the fitting split. Every network of one seed (encoder and scratch)
+  sees exactly the same labels.
+* **Network.** The encoder's backbone followed by the reference DOS head (:class:`DOSHead`): feature_dim →
+  1024 → 1024 → 512 → 400, ReLU between (:data:`HEAD_HIDDEN`, the reference's ``Lvp``), whatever the encoder's
+  width. Inputs are raw permittivity maps, normalised as (ε − mean)/std with the encoder file's input spec
+  ((ε − 1)/19, :data:`PHC_INPUT_MEAN`/:data:`PHC_INPUT_STD`, without an encoder).
 
-  - ``mode="frozen"``: the frozen encoder. Its features are extracted once (no gradient, eval mode) and
-    standardised with fitting-split statistics; only the head is trained;
-  - ``mode="finetune"``: a copy of the encoder, trained with the head; the backbone's learning rate is
-    :data:`BACKBONE_LR_FACTOR` times the head's;
-  - and beside it, always, **from scratch**: the same backbone architecture (the encoder's ``backbone`` spec,
-    or ``scratch_backbone`` when there is no encoder), randomly initialised, trained end to end with the
-    head at the full learning rate.
-
-  Every network takes raw permittivity maps and normalises them as (ε − mean)/std with the encoder file's
-  input spec (:data:`PHC_INPUT_MEAN`, :data:`PHC_INPUT_STD` = (ε − 1)/19 without an encoder, DESIGN.md).
-* **Targets.** The benchmark target DOS − 2πω on 400 points (:mod:`essl.photonics.dos`), standardised for
-  the loss with the fitting split's per-point mean and one global scale; the loss is the MSE on the
-  standardised targets.
-* **Optimisation.** Adam, cosine learning-rate decay to zero over all steps, ``epochs`` passes over the
-  fitting split in seeded random batches (every batch at least ``batch_size`` structures, none smaller, so
-  BatchNorm never sees a batch of one).
-* **Augmentation** (``augment``): exact lattice symmetries that leave the DOS unchanged — a random element of
-  C4v, of the four flips, and/or a periodic shift by a whole number of pixels (:mod:`essl.transforms`). Applied
-  to every fitting batch of end-to-end training (fine-tuning and scratch). A frozen encoder's head sees
-  :data:`FROZEN_VIEWS` feature vectors per fitting structure instead, extracted once: the identity and
-  ``FROZEN_VIEWS − 1`` random augmented views. Validation and test maps are never augmented.
+  - ``mode="finetune"`` (default; the reference): a copy of the pretrained encoder and a fresh head, the
+    whole network trained;
+  - ``mode="frozen"`` (the reference's ``--freeze_enc_ft``): only the head is trained, on features of the frozen
+    encoder extracted once (eval mode, no gradient) and standardised with fitting-split statistics;
+  - and beside it, **from scratch**: the very same network (the encoder's ``backbone`` spec, or
+    ``scratch_backbone`` without an encoder), randomly initialised, trained end to end with the same
+    optimiser, epochs and batches.
+* **Optimisation** (the reference's): Adam on every trained parameter, learning rate :data:`DEFAULT_LR`
+  = 1e-4 for all of them (``backbone_lr_factor`` = 1; another factor scales a fine-tuned backbone's rate
+  only), weight decay :data:`DEFAULT_WEIGHT_DECAY` = 1e-5 (Adam's L2 term), constant learning rate, MSE on
+  the raw target (DOS/√ε_avg − 2πω on 400 points, :mod:`essl.photonics.dos`, the HDF5 ``target``),
+  :data:`DEFAULT_EPOCHS` = 100 passes over the fitting split in seeded shuffled batches: ⌈n_fit / 64⌉ steps
+  per epoch as the reference's ``DataLoader(batch_size=64, shuffle=True)``, with the structures spread evenly
+  over the batches instead of a short last one (so BatchNorm never sees a batch of one; :func:`_batches`).
+* **Augmentation** (``augment``, ``scratch_augment``): ``"none"`` or names of
+  :data:`essl.augment.LATTICE_OPS` joined by ``"+"``, applied in that order by
+  :func:`essl.augment.lattice_augment` to every fitting batch, one random element per structure and operation.
+  They are exact lattice symmetries (pixel permutations) and leave the DOS unchanged. The reference fine-tunes
+  with the run's own SSL views, e.g. ``flip3+rot4`` (blob cells), ``shift+flip3`` (level-set cells), plus
+  ``halfshift`` (blob) or ``rot4`` (level set) for its SimCLR-invariant arm; ``scratch_augment`` lets the
+  from-scratch baseline use the dataset's base symmetries while each encoder uses its own (default: the same
+  as ``augment``). A frozen encoder's head gets :data:`FROZEN_VIEWS` feature vectors per fitting structure,
+  extracted once from independent random augmentations, and every epoch trains on one of them per structure
+  drawn at random (the same number of steps as end-to-end training). Validation and test maps are never
+  augmented.
 * **Model selection on validation only.** After every epoch the validation relative L1 error is computed;
   the weights of the best epoch (the first on ties) are kept. The test file is touched once per trained
-  model, after selection, to score the selected weights: never to choose anything.
+  model, after selection, to score the selected weights: never to choose anything. (The reference reports
+  the minimum *test* error over epochs instead, which selects on the test set and is biased low.)
 * **Score.** Relative L1 error of :func:`essl.photonics.dos.relative_l1` over the whole test file: mean over
   structures of Σ|ŷ − y| / Σ|y| over target points 100..399, after adding the empty-lattice line back to
   both (Loh et al. 2022). Errors are fractions; we report mean ± sample standard deviation (n − 1) over seeds
   and every seed's value.
 
-The defaults are sized for CPU runs of a few hundred labels at encoder width 0.25 (a few seconds per model);
-the paper's own runs train longer on GPUs. Compare encoders under the same settings only.
+The reference trains on 3000 labels on a GPU. On a CPU a model costs about ``epochs`` × ``n_labels`` times
+a per-structure step time that grows with the square of the encoder width (most of it the convolutions), so
+CPU-sized comparisons use fewer labels or a narrower encoder; compare encoders under the same settings only.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +76,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import essl
+from essl.augment import LATTICE_OPS, lattice_augment
 from essl.backbones import build_backbone, check_input_size
 from essl.encoder import FrozenEncoder
 from essl.errors import UserError
@@ -71,52 +84,48 @@ from essl.io import atomic_write, atomic_write_json
 from essl.photonics import dos as phc_dos
 from essl.photonics.dataset import PhCData, open_dataset
 from essl.runtime import resolve_device, torch_threads
-from essl.transforms import random_shift, transform
 
 # ------------------------------------------------------------------------------------------------ settings
+# Reference: GitHub rdangovs/essl (Dangovski et al. 2022), photonics/main.py and photonics/phc_models.py.
 
-#: Hidden sizes of the DOS head for a 1024-d encoder (Dangovski et al. 2022, after Loh et al. 2022).
-HEAD_HIDDEN: tuple[int, ...] = (1024, 512)
-#: Feature size of the paper's encoder; narrower encoders get hidden sizes scaled by feature_dim / this.
-PAPER_FEATURE_DIM = 1024
-#: Smallest hidden layer of a scaled-down head.
-MIN_HIDDEN = 32
-
-MODES = ("frozen", "finetune")
-AUGMENTS = ("none", "c4v", "flips", "shifts", "c4v+shifts", "flips+shifts")
-
-#: Passes over the fitting split. Measured on 400 + 200 level-set cells (kgrid 12, cutoff 4), 100 labels, phc_cnn
-#: width 0.25, relative L1 on the 200 held-out cells (development only, not a per-run choice): from scratch 7.4%
-#: at 50 epochs, 7.1% at 100, 6.9% at 200 (2-3 seeds); a head on a random-init frozen encoder 7.7% at 100, 7.4%
-#: at 300. Predicting the target 0 (the empty lattice) scores 9.1%, the training mean 9.3%. 100 epochs keeps a
-#: model at ~10-30 s on one CPU thread.
+#: Hidden sizes of the DOS head: ``Lvp = [1024, 1024, 512]`` in ``main.py``, used by ``PredictorDOS``.
+HEAD_HIDDEN: tuple[int, ...] = (1024, 1024, 512)
+#: Fine-tuning learning rate: ``--learning_rate_ft`` default of ``main.py``.
+DEFAULT_LR = 1e-4
+#: ``finetune_model``: ``torch.optim.Adam(model.parameters(), lr=ftlr, weight_decay=1e-5)``.
+DEFAULT_WEIGHT_DECAY = 1e-5
+#: ``--finetune_epochs`` default of ``main.py``.
 DEFAULT_EPOCHS = 100
-#: Structures per training batch (batches are never smaller than this; see :func:`_batches`).
-DEFAULT_BATCH_SIZE = 32
-#: Adam learning rate of the head, and of every parameter when training from scratch (3e-3 measured within
-#: seed noise of it on the set above: scratch 7.0% vs 7.1%).
-DEFAULT_LR = 1e-3
-#: Fine-tuning: the pretrained backbone learns this much slower than the freshly initialised head.
-BACKBONE_LR_FACTOR = 0.1
-#: Adam L2 penalty (``weight_decay``), all parameters.
-DEFAULT_WEIGHT_DECAY = 0.0
-#: Share of the labelled structures held out for model selection.
-DEFAULT_VAL_FRACTION = 0.2
-#: Number of seeds (mean ± std over seeds).
+#: ``--batchsize`` default of ``main.py`` (fine-tuning batch size).
+DEFAULT_BATCH_SIZE = 64
+#: Learning rate of a fine-tuned backbone relative to the head's: the reference gives every parameter the same
+#: rate (one Adam group over ``model.parameters()``).
+DEFAULT_BACKBONE_LR_FACTOR = 1.0
+#: Seeds: the reference averages fine-tuning seeds 1, 2, 3 (``main.py``, ``__main__``); essl runs 0, 1, 2.
 DEFAULT_SEEDS = 3
-#: Feature vectors per fitting structure for a frozen encoder with augmentation (identity + random views).
+#: Share of the labelled structures held out for model selection (essl; the reference has no validation split).
+DEFAULT_VAL_FRACTION = 0.2
+
+MODES = ("finetune", "frozen")
+DEFAULT_MODE = "finetune"
+#: ``augment`` value for no augmentation.
+NO_AUGMENT = "none"
+#: Former augmentation names, still accepted: each maps to a name of :data:`essl.augment.LATTICE_OPS`.
+AUGMENT_ALIASES: dict[str, str] = {"flips": "flip4", "shifts": "shift"}
+#: Feature vectors per fitting structure for a frozen encoder with augmentation (independent random views).
 FROZEN_VIEWS = 8
 #: Structures per forward pass when extracting features or predicting.
 EVAL_BATCH_SIZE = 256
-#: The fitting split needs this many structures (BatchNorm in training mode needs a batch of two).
-MIN_FIT = 2
-#: Smallest batch size accepted, for the same reason.
+#: Smallest training batch: BatchNorm in training mode needs two samples per channel. Also the smallest
+#: fitting split and the smallest ``batch_size`` accepted.
 MIN_BATCH_SIZE = 2
+MIN_FIT = MIN_BATCH_SIZE
 #: CPU intra-op threads while training: the networks are small, and on the shared 2-core machines two threads
 #: were measured 3-15x slower than one (phc_cnn width 0.25, batch 32, Adam step: 0.06-0.08 s on one thread,
 #: 0.4-1.2 s on two, load average ~5). None keeps torch's setting.
 CPU_THREADS: int | None = 1
-#: Input normalisation of permittivity maps without an encoder file: (ε − 1)/19 maps ε ∈ [1, 20] to [0, 1].
+#: Input normalisation of permittivity maps without an encoder file: (ε − 1)/19 maps ε ∈ [1, 20] to [0, 1]
+#: (the range of essl.photonics.unitcell, and the reference's normalisation).
 PHC_INPUT_MEAN = 1.0
 PHC_INPUT_STD = 19.0
 #: Backbone width of the from-scratch network when no encoder is given (the CPU-sized photonics encoder).
@@ -126,8 +135,12 @@ FIGURE_CELLS = 4
 #: Figure size per shown cell (width, height in inches).
 FIGURE_ROW_SIZE = (9.0, 2.4)
 FIGURE_DPI = 100
-#: A target whose fitting-split standard deviation is below this is only centred (the loss scale stays finite).
-MIN_TARGET_STD = 1e-8
+#: A frozen feature whose fitting-split standard deviation is below this is only centred.
+MIN_FEATURE_STD = 1e-8
+#: Optimiser, schedule and loss of every run (the reference's), as stored in the JSON.
+OPTIMIZER = "adam"
+SCHEDULE = "constant"
+LOSS = "mse on the raw target (DOS/sqrt(eps_avg) - 2*pi*omega)"
 
 
 def default_scratch_backbone() -> dict[str, Any]:
@@ -138,23 +151,15 @@ def default_scratch_backbone() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- head
 
 
-def head_hidden_sizes(feature_dim: int) -> tuple[int, ...]:
-    """Hidden sizes of :class:`DOSHead`: (1024, 512) for the paper's 1024-d features, scaled by
-    ``feature_dim / 1024`` (at least :data:`MIN_HIDDEN`) for narrower encoders, never widened."""
-    ratio = min(1.0, feature_dim / PAPER_FEATURE_DIM)
-    return tuple(max(MIN_HIDDEN, round(h * ratio)) for h in HEAD_HIDDEN)
-
-
 class DOSHead(nn.Module):
-    """MLP from encoder features to the 400-point DOS target: feature_dim → 1024 → 512 → 400, ReLU between.
-
-    The prediction head of the photonics experiment (Dangovski et al. 2022; Loh et al. 2022). Hidden sizes
-    follow :func:`head_hidden_sizes` unless ``hidden`` is given. (B, feature_dim) → (B, out_dim).
+    """MLP from encoder features to the 400-point DOS target: feature_dim → 1024 → 1024 → 512 → 400, ReLU
+    between: ``PredictorDOS`` of the reference (rdangovs/essl ``photonics/phc_models.py``; Dangovski et al.
+    2022, after Loh et al. 2022). ``hidden`` overrides :data:`HEAD_HIDDEN`. (B, feature_dim) → (B, out_dim).
     """
 
-    def __init__(self, feature_dim: int, out_dim: int = phc_dos.N_TARGET, hidden: tuple[int, ...] | None = None):
+    def __init__(self, feature_dim: int, out_dim: int = phc_dos.N_TARGET, hidden: Sequence[int] = HEAD_HIDDEN):
         super().__init__()
-        hidden = head_hidden_sizes(feature_dim) if hidden is None else tuple(hidden)
+        hidden = tuple(int(h) for h in hidden)
         layers: list[nn.Module] = []
         width = feature_dim
         for h in hidden:
@@ -163,6 +168,7 @@ class DOSHead(nn.Module):
         layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
         self.hidden = hidden
+        self.sizes = (int(feature_dim), *hidden, int(out_dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -204,22 +210,43 @@ def _figure_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------- augmentation
 
 
-def augment_maps(x: Tensor, augment: str, generator: torch.Generator | None = None) -> Tensor:
+def parse_augment(augment: str, flag: str = "--augment") -> tuple[str, ...]:
+    """The lattice operations of an ``augment`` value, in the order applied.
+
+    ``"none"`` → (); otherwise names of :data:`essl.augment.LATTICE_OPS` joined by ``"+"``, e.g.
+    ``"flip3+rot4"`` (the reference's blob views), ``"shift+flip3"`` (level sets), ``"halfshift+flip3+rot4"``.
+    The former names ``flips`` and ``shifts`` (:data:`AUGMENT_ALIASES`) are accepted, so ``c4v+shifts`` still
+    means a C4v element, then a periodic shift. Anything else is a UserError naming the bad value.
+    """
+    usage = (f"use {NO_AUGMENT!r} or operations of {', '.join(LATTICE_OPS)} joined by '+' in the order applied, "
+             "e.g. flip3+rot4")
+    if not isinstance(augment, str):
+        raise UserError(f"{flag} {augment!r}: expected a string; {usage}")
+    if augment == NO_AUGMENT:
+        return ()
+    ops = []
+    for token in augment.split("+"):
+        op = AUGMENT_ALIASES.get(token, token)
+        if op not in LATTICE_OPS:
+            raise UserError(f"{flag} {augment!r}: unknown lattice operation {token!r}; {usage}")
+        ops.append(op)
+    return tuple(ops)
+
+
+def augment_maps(x: Tensor, augment: str | Sequence[str], generator: torch.Generator | None = None) -> Tensor:
     """A random lattice symmetry per map (x: (B, 1, n, n) permittivity maps); the DOS is invariant to all.
 
-    ``augment``: "none"; "c4v" (one of the 8 symmetries of the square); "flips" (one of the 4 flips);
-    "shifts" (a periodic shift by whole pixels); "c4v+shifts", "flips+shifts" (the symmetry, then a shift).
+    ``augment``: an ``augment`` string (:func:`parse_augment`) or a sequence of operation names; applied by
+    :func:`essl.augment.lattice_augment`, one random element per map and operation, in order.
     """
-    if augment not in AUGMENTS:
-        raise UserError(f"--augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
-    parts = augment.split("+")
-    if "c4v" in parts:
-        x, _ = transform(x, "c4v", mode="random", generator=generator)
-    if "flips" in parts:
-        x, _ = transform(x, "flip4", mode="random", generator=generator)
-    if "shifts" in parts:
-        x, _ = random_shift(x, generator=generator)
-    return x
+    ops = parse_augment(augment) if isinstance(augment, str) else tuple(augment)
+    return lattice_augment(x, ops, generator) if ops else x
+
+
+def _pick_view(xb: Tensor, generator: torch.Generator) -> Tensor:
+    """One of the precomputed feature views per structure, uniformly at random: (B, V, D) → (B, D)."""
+    choice = torch.randint(xb.shape[1], (xb.shape[0],), device=xb.device, generator=generator)
+    return xb[torch.arange(xb.shape[0], device=xb.device), choice]
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -229,46 +256,27 @@ def augment_maps(x: Tensor, augment: str, generator: torch.Generator | None = No
 class Selected:
     """A trained model after validation-only selection."""
 
-    model: nn.Module  # carries the selected weights; maps inputs to standardised targets
+    model: nn.Module  # carries the selected weights; maps inputs to targets
     best_epoch: int  # 1-based epoch whose weights were kept
     val_error: float  # validation relative L1 error of those weights
     val_history: list[float]  # validation error after every epoch
 
 
-@dataclass
-class _TargetScale:
-    """Per-point mean and global scale of the fitting targets: loss targets are (y − mean) / scale."""
-
-    mean: Tensor  # (400,)
-    scale: Tensor  # ()
-
-    @classmethod
-    def fit(cls, y: Tensor) -> _TargetScale:
-        mean = y.mean(dim=0)
-        scale = (y - mean).pow(2).mean().sqrt().clamp_min(MIN_TARGET_STD)
-        return cls(mean, scale)
-
-    def to_loss(self, y: Tensor) -> Tensor:
-        return (y - self.mean) / self.scale
-
-    def to_target(self, out: Tensor) -> Tensor:
-        return out * self.scale + self.mean
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """A seeded shuffle of range(n) cut into ⌊n / batch_size⌋ (at least one) nearly equal batches, so that
-    none is smaller than ``min(n, batch_size)``."""
+    """A seeded shuffle of range(n) cut into ⌈n / batch_size⌉ nearly equal batches: the number of steps of the
+    reference's ``DataLoader(batch_size, shuffle=True, drop_last=False)``, but no short last batch, and never
+    more than ⌊n / MIN_BATCH_SIZE⌋ batches, so none is smaller than :data:`MIN_BATCH_SIZE` (BatchNorm)."""
     perm = torch.randperm(n, generator=generator)
-    return list(torch.tensor_split(perm, max(1, n // batch_size)))
+    n_batches = max(1, min(math.ceil(n / batch_size), n // MIN_BATCH_SIZE))
+    return list(torch.tensor_split(perm, n_batches))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, scale: _TargetScale, device: torch.device) -> Tensor:
+def predict(model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
     """Targets (N, 400) predicted by ``model`` in eval mode, batched, on the CPU (float32)."""
     was_training = model.training
     model.eval()
-    out = [scale.to_target(model(x[i:i + EVAL_BATCH_SIZE].to(device))).cpu()
-           for i in range(0, len(x), EVAL_BATCH_SIZE)]
+    out = [model(x[i:i + EVAL_BATCH_SIZE].to(device)).float().cpu() for i in range(0, len(x), EVAL_BATCH_SIZE)]
     model.train(was_training)
     return torch.cat(out)
 
@@ -278,7 +286,6 @@ def train_select(
     param_groups: list[dict[str, Any]],
     fit: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
-    scale: _TargetScale,
     *,
     epochs: int,
     batch_size: int,
@@ -291,31 +298,28 @@ def train_select(
     """Train ``model`` on the fitting split and keep the epoch with the lowest validation relative L1 error.
 
     Takes no test data, by design. ``fit`` and ``val`` are (inputs, targets) pairs on the CPU; ``augment``
-    (or None) is applied to every fitting batch on ``device``. Adam on ``param_groups`` (each with its own
-    ``lr``), cosine decay to zero over all steps, MSE on standardised targets. On the CPU it runs with
-    ``num_threads`` intra-op threads (None: torch's setting).
+    (or None) is applied to every fitting batch on ``device``. The reference's optimisation (module
+    docstring): Adam on ``param_groups`` (each with its own ``lr``) with ``weight_decay``, constant learning
+    rate, MSE between the output and the raw target, :func:`_batches` from ``generator`` every epoch. On the
+    CPU it runs with ``num_threads`` intra-op threads (None: torch's setting).
     """
     with torch_threads(num_threads if device.type == "cpu" else None):
         x_fit, y_fit = fit
         x_val, y_val = val
-        y_fit_loss = scale.to_loss(y_fit)
         optimizer = torch.optim.Adam(param_groups, weight_decay=weight_decay)
-        steps_per_epoch = len(_batches(len(x_fit), batch_size, torch.Generator()))
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         model.to(device)
         best_state, best_epoch, best_error, history = None, 0, math.inf, []
         for epoch in range(1, epochs + 1):
             model.train()
             for idx in _batches(len(x_fit), batch_size, generator):
-                xb, yb = x_fit[idx].to(device), y_fit_loss[idx].to(device)
+                xb, yb = x_fit[idx].to(device), y_fit[idx].to(device)
                 if augment is not None:
                     xb = augment(xb)
                 loss = nn.functional.mse_loss(model(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
-            error = float(phc_dos.relative_l1(predict(model, x_val, scale, device), y_val))
+            error = float(phc_dos.relative_l1(predict(model, x_val, device), y_val))
             history.append(error)
             if error < best_error or best_state is None:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -391,6 +395,7 @@ def _scratch_network(backbone_spec: dict[str, Any], input_spec: dict[str, Any], 
 
 
 def _seeded_head(feature_dim: int, seed: int) -> DOSHead:
+    """The DOS head, initialised from ``seed`` (the same head initialisation for every network of one seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return DOSHead(feature_dim)
@@ -400,6 +405,21 @@ def _trainable(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(True)
     return module.train()
+
+
+def _network_record(body_spec: dict[str, Any], head: DOSHead, modules: Sequence[nn.Module],
+                    groups: list[dict[str, Any]], trained: str) -> dict[str, Any]:
+    """What the JSON states about one network (``modules``: all its parts, frozen ones included): architecture,
+    parameter counts, what was trained."""
+    trainable = {id(p) for g in groups for p in g["params"]}
+    params = [p for m in modules for p in m.parameters()]
+    return {
+        "backbone": copy.deepcopy(body_spec),
+        "head": list(head.sizes),
+        "n_params": sum(p.numel() for p in params),
+        "n_trained": sum(p.numel() for p in params if id(p) in trainable),
+        "trained": trained,
+    }
 
 
 # -------------------------------------------------------------------------------------------------- runs
@@ -412,31 +432,35 @@ class _Run:
     test_error: float
     val_error: float
     best_epoch: int
+    val_history: list[float]  # validation error after every epoch
     figure_pred: Tensor  # (FIGURE_CELLS, 400) test predictions of the selected model
 
 
-def _score(selected: Selected, x_test: Tensor, y_test: Tensor, scale: _TargetScale, device: torch.device,
-           n_figure: int) -> _Run:
+def _score(selected: Selected, x_test: Tensor, y_test: Tensor, device: torch.device, n_figure: int) -> _Run:
     """The one use of the test file: score the already selected model."""
-    pred = predict(selected.model, x_test, scale, device)
+    pred = predict(selected.model, x_test, device)
     error = float(phc_dos.relative_l1(pred, y_test))
     return _Run(test_error=error, val_error=selected.val_error, best_epoch=selected.best_epoch,
-                figure_pred=pred[:n_figure].clone())
+                val_history=list(selected.val_history), figure_pred=pred[:n_figure].clone())
 
 
-def _check_args(mode: str, augment: str, seeds: int, epochs: int, batch_size: int, lr: float,
-                val_fraction: float, weight_decay: float) -> None:
+def _check_number(name: str, value: Any, low: float, *, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if strict else value < low):
+        raise UserError(f"--{name.replace('_', '-')} must be a number {'>' if strict else '>='} {low:g}, "
+                        f"got {value!r}")
+
+
+def _check_args(mode: str, seeds: int, epochs: int, batch_size: int, lr: float, val_fraction: float,
+                weight_decay: float, backbone_lr_factor: float) -> None:
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    if augment not in AUGMENTS:
-        raise UserError(f"--augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
     for name, value, low in (("seeds", seeds, 1), ("epochs", epochs, 1), ("batch_size", batch_size, MIN_BATCH_SIZE)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise UserError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise UserError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    _check_number("lr", lr, 0.0, strict=True)
+    _check_number("weight_decay", weight_decay, 0.0, strict=False)
+    _check_number("backbone_lr_factor", backbone_lr_factor, 0.0, strict=False)
     if not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
         raise UserError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
 
@@ -462,19 +486,25 @@ def _check_encoder(encoder: FrozenEncoder, path: str | os.PathLike, size: int) -
         raise UserError(f"encoder {path} takes {enc_size}x{enc_size} inputs; the data has {size}x{size} maps")
 
 
-def protocol_text(mode: str, augment: str, epochs: int, val_fraction: float) -> str:
+def protocol_text(mode: str, augment: str, scratch_augment: str, epochs: int, batch_size: int, lr: float,
+                  weight_decay: float, backbone_lr_factor: float, val_fraction: float) -> str:
     """One-paragraph statement of the protocol, stored in the JSON result."""
-    head = "head on frozen features (extracted once, standardised)" if mode == "frozen" else (
-        f"encoder fine-tuned with the head (backbone lr x{BACKBONE_LR_FACTOR:g})")
+    if mode == "frozen":
+        encoder = (f"DOS head on frozen features (extracted once in eval mode, standardised; with augmentation "
+                   f"one of {FROZEN_VIEWS} precomputed random views per structure and epoch)")
+    else:
+        factor = "" if backbone_lr_factor == DEFAULT_BACKBONE_LR_FACTOR else f", backbone lr x{backbone_lr_factor:g}"
+        encoder = f"pretrained encoder + fresh DOS head, whole network fine-tuned{factor}"
     return (
-        f"labels: first n_labels of a seeded permutation of train, {val_fraction:g} of them for validation; "
-        f"encoder: {head}; scratch: same backbone architecture, random init, trained end to end; "
-        f"DOS head MLP feature_dim->{'->'.join(str(h) for h in HEAD_HIDDEN)}->{phc_dos.N_TARGET} "
-        f"(hidden scaled by feature_dim/{PAPER_FEATURE_DIM} below {PAPER_FEATURE_DIM}); "
-        f"Adam, cosine decay, MSE on standardised targets, {epochs} epochs; augment={augment} on fitting batches "
-        f"(frozen: {FROZEN_VIEWS} views per structure); best epoch by validation relative L1, test scored once "
-        f"after selection; relative L1 over target points {phc_dos.METRIC_START}..{phc_dos.N_TARGET - 1} with "
-        "the empty lattice added back; mean ± sample std over seeds"
+        f"labels: first n_labels of a seeded permutation of train, {val_fraction:g} of them for validation, the "
+        f"same for every network of a seed; encoder: {encoder}; scratch: the same network, random init, trained "
+        f"end to end; DOS head MLP feature_dim->{'->'.join(str(h) for h in HEAD_HIDDEN)}->{phc_dos.N_TARGET} "
+        f"(rdangovs/essl PredictorDOS); Adam lr {lr:g}, weight decay {weight_decay:g}, constant lr, MSE on the "
+        f"raw target, {epochs} epochs of ceil(n_fit/{batch_size}) shuffled batches; lattice augmentation of "
+        f"fitting batches: encoder {augment}, scratch {scratch_augment}; best epoch by validation relative L1, "
+        f"test scored once after selection (the reference reported the minimum test error over epochs); relative "
+        f"L1 over target points {phc_dos.METRIC_START}..{phc_dos.N_TARGET - 1} with the empty lattice added "
+        "back; mean ± sample std over seeds"
     )
 
 
@@ -484,13 +514,15 @@ def run_regression(
     test: str | os.PathLike,
     n_labels: int,
     *,
-    mode: str = "frozen",
+    mode: str = DEFAULT_MODE,
     seeds: int = DEFAULT_SEEDS,
-    augment: str = "none",
+    augment: str = NO_AUGMENT,
+    scratch_augment: str | None = None,
     epochs: int = DEFAULT_EPOCHS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    backbone_lr_factor: float = DEFAULT_BACKBONE_LR_FACTOR,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     device: str | torch.device | None = None,
     json_path: str | os.PathLike | None = None,
@@ -507,11 +539,16 @@ def run_regression(
             the from-scratch baseline alone.
         train, test: labelled HDF5 files (:func:`essl.photonics.dataset.generate` with ``labels=True``).
         n_labels: labelled training structures per seed (validation included).
-        mode: "frozen" (train a head on frozen features) or "finetune" (train the whole network).
-        seeds: runs 0 .. seeds − 1; the seed sets the labelled subset, the initialisation and batch order.
-        augment: lattice augmentation of fitting batches, one of :data:`AUGMENTS`.
-        epochs, batch_size, lr, weight_decay: optimisation (Adam, cosine decay); the fine-tuned backbone
-            learns at ``lr · BACKBONE_LR_FACTOR``.
+        mode: "finetune" (train the encoder and the head: the reference) or "frozen" (the head only).
+        seeds: runs 0 .. seeds − 1; the seed sets the labelled subset, the initialisation, batch order and
+            augmentation draws.
+        augment: lattice augmentation of the encoder's fitting batches: "none" or operations of
+            :data:`essl.augment.LATTICE_OPS` joined by "+" in order (:func:`parse_augment`), e.g. "flip3+rot4".
+        scratch_augment: the same for the from-scratch network (None: ``augment``).
+        epochs, batch_size, lr, weight_decay: optimisation (Adam, constant learning rate, MSE on the raw
+            target); defaults: the reference's 100, 64, 1e-4, 1e-5.
+        backbone_lr_factor: a fine-tuned encoder's backbone learns at ``lr · backbone_lr_factor`` (default 1:
+            one rate for every parameter, as the reference). The scratch network always uses ``lr``.
         val_fraction: share of the labelled structures held out for model selection.
         device: where to train; default CUDA when available, else CPU.
         json_path: write the result there (atomically).
@@ -521,22 +558,27 @@ def run_regression(
             :func:`default_scratch_backbone`); with an encoder, the encoder's own backbone spec is used.
         num_threads: CPU intra-op threads while training (None: torch's setting).
         with_scratch: also train the from-scratch network (with an encoder). Its result depends only on the
-            files, labels, seeds, settings and backbone architecture, so a comparison of several encoders of
-            one architecture can run it once (``encoder=None``) and skip it here.
+            files, labels, seeds, settings, ``scratch_augment`` and backbone architecture, so a comparison of
+            several encoders of one architecture can run it once (``encoder=None``) and skip it here.
 
     Returns:
-        ``{"encoder", "train", "test", "n_labels", "mode", "seeds", "augment", "results": {"encoder":
-        {"mean", "std", "per_seed", "val_per_seed", "best_epoch"}, "scratch": {...}}, "settings": {...},
-        "protocol", "elapsed_seconds"}``; ``results`` has no "encoder" entry when ``encoder`` is None and no
-        "scratch" entry with ``with_scratch=False``.
-        Errors are fractions (relative L1).
+        ``{"encoder", "train", "test", "n_labels", "mode", "seeds", "augment", "scratch_augment", "results":
+        {"encoder": {"mean", "std", "per_seed", "val_per_seed", "best_epoch", "val_history"}, "scratch": {...}},
+        "settings": {..., "networks": {kind: {"backbone", "head", "n_params", "n_trained", "trained"}},
+        "optimizers": {kind: {"name", "lr", "backbone_lr", "weight_decay", "schedule", "loss", "epochs",
+        "batch_size", "augment"}}}, "protocol", "elapsed_seconds"}``; ``results`` has no "encoder" entry when
+        ``encoder`` is None and no "scratch" entry with ``with_scratch=False``. Errors are fractions
+        (relative L1).
 
     Raises:
         UserError: unknown mode or augmentation, unlabelled or unreadable files, ``n_labels`` larger than
             the train file or too small for a validation split, an encoder of the wrong input shape.
     """
     start_time = time.perf_counter()
-    _check_args(mode, augment, seeds, epochs, batch_size, lr, val_fraction, weight_decay)
+    _check_args(mode, seeds, epochs, batch_size, lr, val_fraction, weight_decay, backbone_lr_factor)
+    scratch_augment = augment if scratch_augment is None else scratch_augment
+    ops = {"encoder": parse_augment(augment, "--augment"),
+           "scratch": parse_augment(scratch_augment, "--scratch-augment")}
     device = resolve_device(device)
     if figure_path is not None:
         _figure_format(figure_path)
@@ -564,15 +606,17 @@ def run_regression(
     n_figure = min(FIGURE_CELLS, len(x_test))
     kinds = (["encoder"] if frozen is not None else []) + (["scratch"] if with_scratch or frozen is None else [])
     runs: dict[str, list[_Run]] = {k: [] for k in kinds}
-    head_hidden: dict[str, list[int]] = {}
+    networks: dict[str, dict[str, Any]] = {}
+    optimizers: dict[str, dict[str, Any]] = {}
+    head_only = frozen is not None and mode == "frozen"
 
     with torch_threads(num_threads if device.type == "cpu" else None):
-        # frozen mode: test features once, and train features once for every structure any seed labels
+        # frozen mode: test features once, and un-augmented train features once for every labelled structure
         labelled = torch.unique(torch.cat([
             torch.cat([s.fit, s.val]) for s in (label_split(len(x_train), n_labels, val_fraction, seed)
                                                 for seed in range(seeds))]))
         feats_test = feats_train = None
-        if frozen is not None and mode == "frozen":
+        if head_only:
             feats_test = _features(frozen, x_test, device)
             feats_train = torch.zeros(len(x_train), frozen.feature_dim)
             feats_train[labelled] = _features(frozen, x_train[labelled], device)
@@ -580,53 +624,60 @@ def run_regression(
         with tqdm(total=seeds * len(kinds), desc="phc regress", unit=" model", disable=not progress) as bar:
             for seed in range(seeds):
                 split = label_split(len(x_train), n_labels, val_fraction, seed)
-                scale = _TargetScale.fit(y_train[split.fit])
                 y_fit, y_val = y_train[split.fit], y_train[split.val]
                 for kind in kinds:
                     bar.set_postfix_str(f"seed {seed} {kind}")
                     # fresh generators per run: a run does not depend on which other runs came before it
                     gen = torch.Generator(device=device).manual_seed(seed)
                     batch_gen = torch.Generator().manual_seed(seed)
+                    kind_ops = ops[kind]
 
-                    def aug(xb: Tensor, gen: torch.Generator = gen) -> Tensor:
-                        return augment_maps(xb, augment, gen)
+                    def aug(xb: Tensor, gen: torch.Generator = gen, kind_ops: tuple[str, ...] = kind_ops) -> Tensor:
+                        return lattice_augment(xb, kind_ops, gen)
 
-                    end_to_end_aug = None if augment == "none" else aug
-                    if kind == "encoder" and mode == "frozen":
-                        x_fit = _frozen_fit_features(frozen, feats_train, x_train, split.fit, augment, gen, device)
-                        y_fit_k = y_fit.repeat(len(x_fit) // len(y_fit), 1)  # view-major copies of the targets
-                        f_mean, f_std = _feature_stats(x_fit)
+                    backbone_lr = None
+                    if kind == "encoder" and head_only:
+                        x_fit = _frozen_fit_features(frozen, feats_train, x_train, split.fit, kind_ops, gen, device)
+                        f_mean, f_std = _feature_stats(x_fit.flatten(0, -2))
                         head = _seeded_head(frozen.feature_dim, seed)
                         model = nn.Sequential(_Standardise(f_mean, f_std), head)
-                        groups = [{"params": head.parameters(), "lr": lr}]
-                        selected = train_select(model, groups, (x_fit, y_fit_k), (feats_train[split.val], y_val),
-                                                scale, epochs=epochs, batch_size=batch_size,
-                                                weight_decay=weight_decay, augment=None, generator=batch_gen,
-                                                device=device)
-                        test_inputs = feats_test
+                        groups = [{"params": list(head.parameters()), "lr": lr}]
+                        fit_aug = (lambda xb, gen=gen: _pick_view(xb, gen)) if x_fit.dim() == 3 else None
+                        fit, val, test_inputs = (x_fit, y_fit), (feats_train[split.val], y_val), feats_test
+                        trained = "head only (frozen encoder features)"
+                        parts = [frozen, head]
                     elif kind == "encoder":  # fine-tune a copy of the encoder
                         body = _trainable(FrozenEncoder(copy.deepcopy(frozen.backbone), frozen.spec))
                         head = _seeded_head(frozen.feature_dim, seed)
                         model = nn.Sequential(body, head)
-                        groups = [{"params": body.parameters(), "lr": lr * BACKBONE_LR_FACTOR},
-                                  {"params": head.parameters(), "lr": lr}]
-                        selected = train_select(model, groups, (x_train[split.fit], y_fit), (x_train[split.val], y_val),
-                                                scale, epochs=epochs, batch_size=batch_size,
-                                                weight_decay=weight_decay, augment=end_to_end_aug,
-                                                generator=batch_gen, device=device)
-                        test_inputs = x_test
-                    else:  # from scratch: same architecture, random init, everything at the full lr
+                        backbone_lr = lr * backbone_lr_factor
+                        groups = [{"params": list(body.parameters()), "lr": backbone_lr},
+                                  {"params": list(head.parameters()), "lr": lr}]
+                        fit_aug = aug if kind_ops else None
+                        fit, val, test_inputs = (x_train[split.fit], y_fit), (x_train[split.val], y_val), x_test
+                        trained = "whole network (pretrained encoder + new head)"
+                        parts = [body, head]
+                    else:  # from scratch: the same network, random init, every parameter at lr
                         body, feature_dim = _scratch_network(backbone_spec, input_spec, seed)
                         head = _seeded_head(feature_dim, seed)
                         model = nn.Sequential(body, head)
-                        groups = [{"params": model.parameters(), "lr": lr}]
-                        selected = train_select(model, groups, (x_train[split.fit], y_fit), (x_train[split.val], y_val),
-                                                scale, epochs=epochs, batch_size=batch_size,
-                                                weight_decay=weight_decay, augment=end_to_end_aug,
-                                                generator=batch_gen, device=device)
-                        test_inputs = x_test
-                    head_hidden[kind] = list(head.hidden)
-                    runs[kind].append(_score(selected, test_inputs, y_test, scale, device, n_figure))
+                        backbone_lr = lr
+                        groups = [{"params": list(body.parameters()), "lr": lr},
+                                  {"params": list(head.parameters()), "lr": lr}]
+                        fit_aug = aug if kind_ops else None
+                        fit, val, test_inputs = (x_train[split.fit], y_fit), (x_train[split.val], y_val), x_test
+                        trained = "whole network (random init)"
+                        parts = [body, head]
+                    networks[kind] = _network_record(backbone_spec, head, parts, groups, trained)
+                    optimizers[kind] = {
+                        "name": OPTIMIZER, "lr": lr, "backbone_lr": backbone_lr, "weight_decay": weight_decay,
+                        "schedule": SCHEDULE, "loss": LOSS, "epochs": epochs, "batch_size": batch_size,
+                        "augment": list(kind_ops),
+                    }
+                    selected = train_select(model, groups, fit, val, epochs=epochs, batch_size=batch_size,
+                                            weight_decay=weight_decay, augment=fit_aug, generator=batch_gen,
+                                            device=device, num_threads=num_threads)
+                    runs[kind].append(_score(selected, test_inputs, y_test, device, n_figure))
                     bar.update(1)
 
     results = {}
@@ -634,6 +685,7 @@ def run_regression(
         summary = _summary([r.test_error for r in runs[kind]])
         summary["val_per_seed"] = [r.val_error for r in runs[kind]]
         summary["best_epoch"] = [r.best_epoch for r in runs[kind]]
+        summary["val_history"] = [r.val_history for r in runs[kind]]
         results[kind] = summary
     result = {
         "encoder": None if encoder is None else str(encoder),
@@ -643,31 +695,37 @@ def run_regression(
         "mode": mode,
         "seeds": seeds,
         "augment": augment,
+        "scratch_augment": scratch_augment,
         "results": results,
         "settings": {
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
-            "backbone_lr": lr * BACKBONE_LR_FACTOR if (mode == "finetune" and frozen is not None) else None,
+            "backbone_lr_factor": backbone_lr_factor,
             "weight_decay": weight_decay,
-            "optimizer": "adam",
-            "schedule": "cosine to 0, per step",
-            "loss": "mse on standardised targets",
+            "optimizer": OPTIMIZER,
+            "schedule": SCHEDULE,
+            "loss": LOSS,
             "val_fraction": val_fraction,
             "n_fit": n_fit,
             "n_val": n_val,
             "n_train_file": len(train_data),
             "n_test": len(test_data),
-            "frozen_views": FROZEN_VIEWS if (mode == "frozen" and frozen is not None and augment != "none") else 1,
-            "head_hidden": head_hidden,
+            "frozen_views": FROZEN_VIEWS if (head_only and ops["encoder"]) else 1,
+            "head_hidden": list(HEAD_HIDDEN),
+            "networks": networks,
+            "optimizers": optimizers,
             "backbone": backbone_spec,
             "input": input_spec,
             "metric": f"relative L1 over target points {phc_dos.METRIC_START}..{phc_dos.N_TARGET - 1}, "
                       "empty lattice added back",
+            "selection": "best epoch by validation relative L1 (first on ties); test scored once per model",
             "device": str(device),
+            "num_threads": num_threads,
             "essl_version": essl.__version__,
         },
-        "protocol": protocol_text(mode, augment, epochs, val_fraction),
+        "protocol": protocol_text(mode, augment, scratch_augment, epochs, batch_size, lr, weight_decay,
+                                  backbone_lr_factor, val_fraction),
         "elapsed_seconds": round(time.perf_counter() - start_time, 2),
     }
     if figure_path is not None:
@@ -679,21 +737,21 @@ def run_regression(
 
 
 def _frozen_fit_features(encoder: FrozenEncoder, feats_train: Tensor, x_train: Tensor, fit_idx: Tensor,
-                         augment: str, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Fitting inputs of a frozen-encoder head: the precomputed features of the fitting structures, followed
-    (with augmentation) by the features of FROZEN_VIEWS − 1 random augmented views of each, view-major."""
-    views = [feats_train[fit_idx]]
-    if augment != "none":
-        x_fit = x_train[fit_idx].to(device)
-        views += [_features(encoder, augment_maps(x_fit, augment, generator), device)
-                  for _ in range(FROZEN_VIEWS - 1)]
-    return torch.cat(views)
+                         ops: tuple[str, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Fitting inputs of a frozen-encoder head: without augmentation the precomputed features (N, D); with it
+    the features of FROZEN_VIEWS independent random augmentations of every fitting structure, (N, V, D)."""
+    if not ops:
+        return feats_train[fit_idx]
+    x_fit = x_train[fit_idx].to(device)
+    return torch.stack([_features(encoder, lattice_augment(x_fit, ops, generator), device)
+                        for _ in range(FROZEN_VIEWS)], dim=1)
 
 
 def _feature_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and (population) std of (N, D) features; a constant feature gets std 1."""
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False)
-    return mean, torch.where(std < MIN_TARGET_STD, torch.ones_like(std), std)
+    return mean, torch.where(std < MIN_FEATURE_STD, torch.ones_like(std), std)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -742,6 +800,17 @@ def _cell(summary: dict[str, Any]) -> str:
     return f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f}"
 
 
+def _augment_text(result: dict[str, Any]) -> str:
+    """The augmentation(s) of the trained networks, for the table header."""
+    kinds = result["results"]
+    augment, scratch = result["augment"], result.get("scratch_augment", result["augment"])
+    if "encoder" not in kinds:
+        return scratch
+    if "scratch" not in kinds or scratch == augment:
+        return augment
+    return f"{augment} (scratch {scratch})"
+
+
 def format_regression_table(result: dict[str, Any]) -> str:
     """The plain-text table ``essl phc regress`` prints: test and validation relative L1 error in %."""
     settings = result["settings"]
@@ -757,8 +826,9 @@ def format_regression_table(result: dict[str, Any]) -> str:
     lines = [
         f"DOS regression: {result['encoder'] or 'no encoder (scratch only)'}",
         f"train {result['train']}: {result['n_labels']} labels ({settings['n_fit']} fit + {settings['n_val']} val); "
-        f"test {result['test']}: {settings['n_test']} cells; augment {result['augment']}; "
-        f"{settings['epochs']} epochs",
+        f"test {result['test']}: {settings['n_test']} cells; augment {_augment_text(result)}; "
+        f"{settings['epochs']} epochs, batch {settings['batch_size']}, Adam lr {settings['lr']:g}, "
+        f"weight decay {settings['weight_decay']:g}",
         "  ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(headers, widths, strict=True))),
     ]
     lines.append("-" * len(lines[-1]))

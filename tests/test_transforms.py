@@ -96,39 +96,26 @@ def test_device_and_dtype_are_kept():
     assert x_t.dtype == torch.uint8 and x_t.device == x.device == labels.device
 
 
-def _affine_permutation(element: transforms.Affine, n: int) -> torch.Tensor:
-    """Source index of every output pixel under an affine element, computed pixel by pixel from its definition
-    u -> R·u + t (mod 2n) in centred coordinates u = 2·index − (n − 1)."""
-    r, t = element
-    source = torch.empty(n * n, dtype=torch.long)
-    for qi in range(n):
-        for qj in range(n):
-            v = (2 * qi - (n - 1), 2 * qj - (n - 1))
-            u = (r[0] * v[0] + r[1] * v[1] + t[0], r[2] * v[0] + r[3] * v[1] + t[1])
-            pi, pj = (((c + n - 1) % (2 * n)) // 2 for c in u)
-            source[pi * n + pj] = qi * n + qj
-    return source
-
-
-@pytest.mark.parametrize("group", ["rot4", "flip4", "flip3", "hflip", "vflip", "c4v", "translate"])
+@pytest.mark.parametrize("group", ["rot4", "flip4", "flip3", "hflip", "vflip", "c4v", "translate", "jigsaw"])
 @pytest.mark.parametrize("n", [4, 6, 8])
-def test_element_algebra_matches_the_pixel_operations(group, n):
-    """The affine representation used to check configurations is the same permutation as the tensor ops."""
+def test_element_permutations_are_the_pixel_operations(group, n):
+    """The permutations used to check configurations move pixels exactly as the tensor ops do (independent
+    reference: a random image transformed by the op vs indexed by the permutation)."""
+    x = torch.randn(n, n)
     ops = transforms._element_ops(group, n, n, 2)
-    pixels = torch.arange(n * n).view(n, n)
-    for k, element in enumerate(transforms.element_maps(group, n)):
-        assert torch.equal(_affine_permutation(element, n), ops[k](pixels).reshape(-1)), (group, k)
+    for k, perm in enumerate(transforms.element_permutations(group, n)):
+        assert torch.equal(x.reshape(-1)[list(perm)].view(n, n), ops[k](x)), (group, k)
 
 
 def test_composition_matches_applying_one_after_the_other():
     n = 6
-    pixels = torch.arange(n * n).view(n, n)
-    rot, flip = transforms._element_ops("rot4", n, n, 2)[1], transforms._element_ops("flip4", n, n, 2)[1]
-    shift = transforms.element_maps("shift", n)[7]  # rows 1, cols 1
-    both = transforms.compose(transforms.compose(shift, transforms.element_maps("flip4", n)[1], n),
-                              transforms.element_maps("rot4", n)[1], n)
-    expected = rot(flip(torch.roll(pixels, (1, 1), dims=(0, 1))))
-    assert torch.equal(_affine_permutation(both, n), expected.reshape(-1))
+    x = torch.randn(n, n)
+    shift = transforms.element_permutations("shift", n)[7]  # rows 1, cols 1
+    flip = transforms.element_permutations("flip4", n)[1]
+    rot = transforms.element_permutations("rot4", n)[1]
+    both = transforms.compose(transforms.compose(shift, flip), rot)
+    expected = torch.rot90(torch.roll(x, (1, 1), dims=(0, 1)).flip(-1), 1, dims=(0, 1))
+    assert torch.equal(x.reshape(-1)[list(both)].view(n, n), expected)
 
 
 @pytest.mark.parametrize("before,group,merged", [
@@ -141,10 +128,12 @@ def test_composition_matches_applying_one_after_the_other():
     (["flip3", "rot4"], "translate", []),  # the blob views keep the half-cell translations apart
     (["halfshift"], "translate", [(i, j) for i in range(4) for j in range(i + 1, 4)]),
     ([], "c4v", []),
+    (["hflip"], "jigsaw", []),  # a flip also flips inside the tiles: never a pure tile permutation
+    (["flip4"], "jigsaw", []),
 ])
 def test_merged_elements_known_answers(before, group, merged):
     n = 16
-    assert transforms.merged_elements(group, [transforms.element_maps(op, n) for op in before], n) == merged
+    assert transforms.merged_elements(group, [transforms.element_permutations(op, n) for op in before], n) == merged
 
 
 def test_merged_elements_agrees_with_brute_force_images():
@@ -183,3 +172,68 @@ def test_new_flip_sets_are_exact(group, grid, shape):
         dims = {"hflip": [(), (-1,)], "vflip": [(), (-2,)], "flip3": [(), (-1,), (-2,)]}[group][int(labels[i])]
         assert torch.equal(y[i], x[i].flip(dims) if dims else x[i])
     assert torch.equal(transforms.apply(y, group, transforms.inverse_labels(group, labels, grid), grid), x)
+
+
+@pytest.mark.parametrize("mode", ["all", "random"])
+def test_jigsaw_labels_are_exact(mode):
+    torch.manual_seed(0)
+    x = torch.randn(30, 3, 8, 6)
+    x_t, labels = transforms.transform(x, "jigsaw", mode=mode)
+    source = x.repeat(24, 1, 1, 1) if mode == "all" else x
+    for i in range(len(labels)):  # naive reference: move each 4x3 tile by hand
+        perm = transforms.JIGSAW_PERMUTATIONS[int(labels[i])]
+        for t in range(4):
+            r, c = divmod(t, 2)
+            sr, sc = divmod(perm[t], 2)
+            out = x_t[i, :, 4 * r:4 * r + 4, 3 * c:3 * c + 3]
+            assert torch.equal(out, source[i, :, 4 * sr:4 * sr + 4, 3 * sc:3 * sc + 3])
+    back = transforms.apply(x_t, "jigsaw", transforms.inverse_labels("jigsaw", labels))
+    assert torch.equal(back, source)
+
+
+def _naive_blur(img: torch.Tensor, k: int) -> torch.Tensor:
+    """Separable Gaussian with reflect padding, written out with explicit loops over the kernel taps."""
+    import math
+
+    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+    taps = torch.tensor([math.exp(-((i - k // 2) ** 2) / (2 * sigma**2)) for i in range(k)], dtype=img.dtype)
+    taps = taps / taps.sum()
+    pad = torch.nn.functional.pad(img[None], (k // 2,) * 4, mode="reflect")[0]
+    h, w = img.shape[-2:]
+    rows = sum(taps[i] * pad[..., i:i + h, :] for i in range(k))
+    return sum(taps[j] * rows[..., :, j:j + w] for j in range(k))
+
+
+@pytest.mark.parametrize("mode", ["all", "random"])
+def test_photometric_groups_equal_naive_references(mode):
+    torch.manual_seed(1)
+    x = torch.rand(12, 3, 10, 10)
+    for group in ("invert", "grayscale", "blur"):
+        x_t, labels = transforms.transform(x, group, mode=mode)
+        source = x.repeat(transforms.group_size(group), 1, 1, 1) if mode == "all" else x
+        for i in range(len(labels)):
+            g, img = int(labels[i]), source[i]
+            if g == 0:
+                expected = img
+            elif group == "invert":
+                expected = 1.0 - img
+            elif group == "grayscale":
+                expected = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).expand(3, -1, -1)
+            else:
+                expected = _naive_blur(img, transforms.BLUR_KERNELS[g - 1])
+            torch.testing.assert_close(x_t[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", ["rot4", "hflip", "jigsaw", "invert", "blur", "translate"])
+def test_random_mode_labels_are_uniform(group):
+    """Chi-square test of the drawn labels (20000 draws, 99.9% critical value)."""
+    from scipy.stats import chi2
+
+    torch.manual_seed(0)
+    g = transforms.group_size(group)
+    x = torch.zeros(20000, 1, 4, 4)
+    _, labels = transforms.transform(x, group, mode="random")
+    counts = torch.bincount(labels, minlength=g).double()
+    expected = len(labels) / g
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < chi2.ppf(0.999, g - 1)
