@@ -51,6 +51,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         json_path=args.json,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        protocol=args.protocol,
+        epochs=args.epochs,
+        train_batch_size=args.train_batch_size,
+        lr=args.lr,
     )
     print(format_table(result))
     if args.json:
@@ -87,12 +91,14 @@ def _cmd_phc_regress(args: argparse.Namespace) -> int:
         mode=args.mode,
         seeds=args.seeds,
         augment=args.augment,
+        scratch_augment=args.scratch_augment,
         device=args.device,
         json_path=args.json,
         figure_path=args.figure,
         progress=not args.no_progress,
         with_scratch=not args.no_scratch,
-        **{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay") if getattr(args, k) is not None},
+        **{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "backbone_lr_factor")
+           if getattr(args, k) is not None},
     )
     print(format_regression_table(result))
     for label, path in (("results", args.json), ("figure", args.figure)):
@@ -128,7 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seeds", type=int, default=5, help="number of probe seeds (default 5)")
     pr.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    pr.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    pr.add_argument("--batch-size", type=int, default=256,
+                    help="images per forward pass when extracting features (default 256)")
+    pr.add_argument("--protocol", choices=("fast", "paper"), default="fast",
+                    help="fast: L-BFGS logistic regression on frozen features, penalty chosen on a validation "
+                         "split of train (default); paper: the paper's SGD linear probe on augmented views "
+                         "(Dangovski et al., ICLR 2022); see the README")
+    pr.add_argument("--epochs", type=int, default=None,
+                    help="paper protocol: training epochs (default 100, the paper's)")
+    pr.add_argument("--train-batch-size", type=int, default=None,
+                    help="paper protocol: images per SGD step (default 256, the paper's)")
+    pr.add_argument("--lr", type=float, default=None,
+                    help="paper protocol: base learning rate of the cosine schedule (default 30, the paper's)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_probe)
 
@@ -149,13 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--train", required=True, help="labelled HDF5 file to take the training labels from")
     reg.add_argument("--test", required=True, help="labelled HDF5 file to score on")
     reg.add_argument("--n-labels", type=int, required=True, help="number of labelled training structures")
-    reg.add_argument("--mode", choices=("frozen", "finetune"), default="frozen")
+    reg.add_argument("--mode", choices=("finetune", "frozen"), default="finetune",
+                     help="finetune: train the encoder with the DOS head (default, as the reference); "
+                          "frozen: train the head on frozen features")
     reg.add_argument("--seeds", type=int, default=3)
     reg.add_argument("--augment", default="none",
-                     help="lattice augmentations while training: none, c4v, flips, shifts, c4v+shifts, flips+shifts")
-    for flag, kind, what in (("--epochs", int, "training epochs"), ("--batch-size", int, "training batch size"),
-                             ("--lr", float, "Adam learning rate"), ("--weight-decay", float, "Adam weight decay")):
-        reg.add_argument(flag, type=kind, default=None, help=f"{what} (default: the protocol's, see the README)")
+                     help="lattice augmentation of the encoder's training batches: none, or operations applied in "
+                          "order joined by '+', from c4v, flip4, flip3, rot4, shift, halfshift (e.g. flip3+rot4 "
+                          "for blobs, shift+flip3 for level sets)")
+    reg.add_argument("--scratch-augment", default=None,
+                     help="the same for the from-scratch network (default: --augment)")
+    for flag, kind, what in (("--epochs", int, "training epochs (default 100)"),
+                             ("--batch-size", int, "training batch size (default 64)"),
+                             ("--lr", float, "Adam learning rate of every parameter (default 1e-4)"),
+                             ("--weight-decay", float, "Adam weight decay (default 1e-5)"),
+                             ("--backbone-lr-factor", float,
+                              "fine-tuning: the backbone's learning rate is lr times this (default 1)")):
+        reg.add_argument(flag, type=kind, default=None, help=f"{what}, the reference's")
     reg.add_argument("--no-scratch", action="store_true",
                      help="skip the from-scratch baseline (it depends only on the data, labels and settings)")
     reg.add_argument("--json", default=None, metavar="PATH")

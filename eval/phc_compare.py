@@ -448,16 +448,17 @@ def format_markdown(results: dict[str, Any]) -> str:
                               "(essl < 0.2), fine-tuned.", results["errors"]["old_eq_input"],
                               s["ablation_n_labels"] or s["n_labels"])]
     lines += ["", "Equivariance accuracy at the end of pretraining (training batches) and its Bayes limit:", "",
-              "| dataset | run | predicted | equivariance input | accuracy | Bayes limit |", "|---|---|---|---|---:|---:|"]
+              "| dataset | run | predicted | equivariance input | accuracy | Bayes limit |",
+              "|---|---|---|---|---:|---:|"]
     for kind, by_arm in results["pretraining"].items():
         for arm, info in by_arm.items():
             if info.get("equi_acc") is None:
                 continue
             limit = info.get("bayes_limit")
             ops = info.get("eq_input_ops") or []
-            lines.append(f"| {kind} | {LABELS.get(arm, arm)} | {info['predicted']} | "
-                         f"{'raw cell' if not ops else 'raw + ' + ', '.join(ops)} | {PERCENT * info['equi_acc']:.1f}% | "
-                         f"{'' if limit is None else f'{PERCENT * limit:.0f}%'} |")
+            source = "raw cell" if not ops else "raw + " + ", ".join(ops)
+            lines.append(f"| {kind} | {LABELS.get(arm, arm)} | {info['predicted']} | {source} | "
+                         f"{PERCENT * info['equi_acc']:.1f}% | {'' if limit is None else f'{PERCENT * limit:.0f}%'} |")
     return "\n".join(lines)
 
 
