@@ -5,6 +5,7 @@ linear probe and the equivariance head read).
 
 * ``resnet18_cifar`` — ResNet-18 (He et al., 2016) with the CIFAR stem used by SimCLR and E-SSL on CIFAR-10
   (Chen et al., 2020, appendix B.9; Dangovski et al., 2022): a 3×3 stride-1 first convolution and no max-pool.
+* ``resnet50`` — ResNet-50 with the ImageNet stem, the backbone of the paper's ImageNet experiments.
 * ``phc_cnn`` — the photonics CNN of the E-SSL paper (see :func:`phc_cnn`), with a width multiplier.
 * ``small_cnn`` — four 3×3 conv/BN/ReLU blocks with stride-2 down-sampling and global average pooling; a few
   hundred thousand parameters at width 32, for CPU-sized runs (digits, tests).
@@ -21,14 +22,26 @@ from torch import nn
 from essl.errors import UserError
 
 RESNET18_FEATURES = 512
+RESNET50_FEATURES = 2048
 
 
 def resnet18_cifar(in_channels: int = 3) -> tuple[nn.Module, int]:
+    """ResNet-18 with the CIFAR stem (3×3 stride-1 first convolution, no max-pool): 512-d features."""
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, RESNET18_FEATURES
+
+
+def resnet50(in_channels: int = 3, zero_init_residual: bool = True) -> tuple[nn.Module, int]:
+    """ResNet-50 with the ImageNet stem (He et al., 2016), last BatchNorm of each block zero-initialised as in the
+    reference ImageNet code (rdangovs/essl imagenet/*): 2048-d features. Random initialisation, no download."""
+    net = torchvision.models.resnet50(weights=None, zero_init_residual=zero_init_residual)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net, RESNET50_FEATURES
 
 
 def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -87,6 +100,7 @@ def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32,
 
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet18_cifar": resnet18_cifar,
+    "resnet50": resnet50,
     "small_cnn": small_cnn,
     "phc_cnn": phc_cnn,
 }
