@@ -6,7 +6,7 @@ the accelerator, in ``LightningModule.on_after_batch_transfer``. The recipe foll
 crop, horizontal flip, colour jitter applied with a probability, random grayscale, Gaussian blur, solarize,
 then normalisation. The equivariance view uses the same colour operations with its own (smaller) crop.
 
-kornia notes (DESIGN.md): ``cropping_mode="resample"`` crops the whole batch in one call (the default crops
+kornia notes (docs/design.md): ``cropping_mode="resample"`` crops the whole batch in one call (the default crops
 sample by sample); ``ColorJitter`` follows torchvision's formulas (``ColorJiggle`` does not).
 """
 
@@ -85,25 +85,29 @@ def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], st
 
 
 class ViewMaker(nn.Module):
-    """Makes ``n_views`` invariant views of a uint8 batch, and the equivariance branch's input.
+    """Makes the invariant views of a uint8 batch, and the equivariance branch's input.
 
-    The equivariance branch's input (``eq_pipeline``) is never one of the invariant views: for images it is the
-    paper's own rotation view (``RandomResizedCrop(16)`` on CIFAR-10 with the same flip and colour operations),
-    for unit cells the raw cell (:class:`LatticeViews` with no or only label-preserving operations). It is left
-    un-normalised (images in [0, 1]): the group transformation (:mod:`essl.transforms`, exact labels; colour
+    ``view_pipeline`` is one pipeline used for all ``n_views`` views, or a list with one pipeline per view (the
+    asymmetric views of BYOL and of the reference's ImageNet code: blur and solarize probabilities differ between
+    the two views). The equivariance branch's input (``eq_pipeline``) is never one of the invariant views: for images
+    it is the paper's own rotation view (``RandomResizedCrop(16)`` on CIFAR-10 with the same flip and colour
+    operations), for unit cells the raw cell (:class:`LatticeViews` with no or only label-preserving operations). It
+    is left un-normalised (images in [0, 1]): the group transformation (:mod:`essl.transforms`, exact labels; colour
     inversion, grayscale and blur act on [0, 1] values) comes first, the normalisation after it.
     """
 
-    def __init__(self, view_pipeline: nn.Module, n_views: int = 2, eq_pipeline: nn.Module | None = None):
+    def __init__(self, view_pipeline: nn.Module | Sequence[nn.Module], n_views: int = 2,
+                 eq_pipeline: nn.Module | None = None):
         super().__init__()
-        self.view_pipeline = view_pipeline
-        self.n_views = n_views
+        per_view = list(view_pipeline) if isinstance(view_pipeline, (list, tuple)) else [view_pipeline] * n_views
+        self.view_pipelines = nn.ModuleList(per_view)
+        self.n_views = len(per_view)
         self.eq_pipeline = eq_pipeline
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         x = to_float(x)  # (B, C, H, W) in [0, 1]
-        views = [self.view_pipeline(x) for _ in range(self.n_views)]
+        views = [pipeline(x) for pipeline in self.view_pipelines]
         eq = self.eq_pipeline(x) if self.eq_pipeline is not None else None
         return views, eq
 

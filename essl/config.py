@@ -48,8 +48,8 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness contrast saturation hue
     grayscale_prob: float = 0.2
-    blur_prob: float = 0.0
-    solarize_prob: float = 0.0
+    blur_prob: Any = 0.0  # a probability, or one per view (BYOL / the reference ImageNet code: [1.0, 0.1])
+    solarize_prob: Any = 0.0  # likewise ([0.0, 0.2])
 
 
 @dataclass
@@ -74,6 +74,8 @@ class EquivarianceConfig:
     lattice: list[str] = field(default_factory=list)  # view=raw: lattice ops applied before the group
     crop_size: int = 16
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    blur_prob: float | None = None  # crop view: its own blur / solarize probabilities (None: the first view's)
+    solarize_prob: float | None = None
     hidden_dim: int = 2048
     norm: str = "layernorm"  # head normalisation: layernorm (CIFAR-10 reference) | batchnorm (photonics reference)
     last_relu: bool = True  # ReLU after the second hidden layer (false: the reference's CIFAR-10 E-SimSiam head)
@@ -161,7 +163,8 @@ CHOICES = {
 MOVED_METHOD_KEYS = ("hidden_dim", "output_dim", "temperature", "momentum_base")
 POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid")
 PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale_prob", "augment.blur_prob",
-                 "augment.solarize_prob")
+                 "augment.solarize_prob", "equivariance.blur_prob", "equivariance.solarize_prob")
+PER_VIEW = ("augment.blur_prob", "augment.solarize_prob")  # a probability or one per view
 
 
 def _error_line(err: OmegaConfBaseException) -> str:
@@ -200,8 +203,15 @@ def _validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be positive, got {OmegaConf.select(cfg, key)}")
     for key in PROBABILITIES:
-        if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
-            raise UserError(f"config key {key!r}: must be a probability in [0, 1]")
+        value = OmegaConf.select(cfg, key)
+        values = list(value) if key in PER_VIEW and OmegaConf.is_list(value) else [value]
+        if key in PER_VIEW and len(values) not in (1, cfg.augment.n_views):
+            raise UserError(f"config key {key!r}: expected one probability or {cfg.augment.n_views} (one per view)")
+        for v in values:
+            if v is None and key.startswith("equivariance."):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise UserError(f"config key {key!r}: must be a probability in [0, 1], got {v!r}")
     for key in ("augment.crop_scale", "equivariance.crop_scale"):
         lo_hi = OmegaConf.select(cfg, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
@@ -254,8 +264,11 @@ def _validate_views(cfg: DictConfig) -> None:
         # a random colour operation of the crop view that is the predicted one merges its elements
         same = {"grayscale": "augment.grayscale_prob", "blur": "augment.blur_prob", "invert": "augment.solarize_prob"}
         key = same[e.group]
-        if e.view == "crop" and OmegaConf.select(cfg, key) > 0:
-            raise UserError(f"config key {key!r} ({OmegaConf.select(cfg, key)}) with 'equivariance.group' "
+        value = OmegaConf.select(cfg, key)
+        own = {"blur": e.blur_prob, "invert": e.solarize_prob}.get(e.group)  # the crop view's own setting
+        crop_prob = own if own is not None else max(value) if OmegaConf.is_list(value) else value
+        if e.view == "crop" and crop_prob > 0:
+            raise UserError(f"config key {key!r} ({value}) with 'equivariance.group' "
                             f"({e.group}): the crop view applies the predicted operation at random, which makes "
                             f"its elements indistinguishable; set {key}=0 or equivariance.view=raw")
         return

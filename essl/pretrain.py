@@ -19,7 +19,8 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from essl.augment import LatticeViews, ViewMaker, ViewSpec, build_view_pipeline
 from essl.backbones import build_backbone, check_input_size
@@ -59,30 +60,37 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
     if cfg.trainer.compile:
         # in place, after BYOL's momentum copy: the state_dict keys (checkpoints, exported encoders) are unchanged
         backbone.compile()
-    colour = dict(
-        hflip_prob=a.hflip_prob,
-        jitter_prob=a.jitter_prob,
-        jitter=tuple(a.jitter),
-        grayscale_prob=a.grayscale_prob,
-        blur_prob=a.blur_prob,
-        solarize_prob=a.solarize_prob,
-    )
 
-    def crop_views(size: int, scale: tuple[float, float], normalize: bool = True) -> torch.nn.Module:
-        return build_view_pipeline(ViewSpec(size=size, scale=scale, **colour), data.channels, data.mean, data.std,
+    def per_view(value: Any, i: int) -> float:  # a probability, or one per view
+        values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+        return float(values[i] if len(values) > 1 else values[0])
+
+    def colour(view: int, blur: float | None = None, solarize: float | None = None) -> dict[str, Any]:
+        return dict(hflip_prob=a.hflip_prob, jitter_prob=a.jitter_prob, jitter=tuple(a.jitter),
+                    grayscale_prob=a.grayscale_prob,
+                    blur_prob=per_view(a.blur_prob, view) if blur is None else blur,
+                    solarize_prob=per_view(a.solarize_prob, view) if solarize is None else solarize)
+
+    def crop_views(size: int, scale: tuple[float, float], spec: dict[str, Any], normalize: bool = True) -> nn.Module:
+        return build_view_pipeline(ViewSpec(size=size, scale=scale, **spec), data.channels, data.mean, data.std,
                                    normalize)
 
-    # invariant views: exact lattice symmetries of unit cells (the whole cell), or SimCLR's image crops
-    view = LatticeViews(lattice, data.mean, data.std) if lattice else crop_views(data.size, tuple(a.crop_scale))
+    # invariant views: exact lattice symmetries of unit cells (the whole cell), or SimCLR's image crops (one pipeline
+    # per view when the views differ, as BYOL's blur and solarize probabilities)
+    if lattice:
+        view: nn.Module | list[nn.Module] = LatticeViews(lattice, data.mean, data.std)
+    else:
+        view = [crop_views(data.size, tuple(a.crop_scale), colour(i)) for i in range(a.n_views)]
     branch, eq_view = None, None
     if e.weight > 0:
         branch = EquivarianceBranch(e.group, feature_dim, e.weight, e.hidden_dim, e.mode, e.grid, e.norm, e.last_relu,
                                     e.bottleneck_dim)
         # the branch's own input (docs/design.md): the paper's crop view for images, the raw cell (plus only
-        # operations that keep the predicted elements apart, checked in essl.config) for unit cells
+        # operations that keep the predicted elements apart, checked in essl.config) for unit cells;
         # un-normalised: the module normalises after the group transformation (colour groups act on [0, 1])
-        eq_view = crop_views(e.crop_size, tuple(e.crop_scale), False) if e.view == "crop" else LatticeViews(
-            list(e.lattice), data.mean, data.std, normalize=False)
+        eq_view = crop_views(e.crop_size, tuple(e.crop_scale), colour(0, e.blur_prob, e.solarize_prob),
+                             False) if e.view == "crop" else LatticeViews(list(e.lattice), data.mean, data.std,
+                                                                          normalize=False)
         if e.group == "grayscale" and data.channels != 3:
             raise UserError(f"config key 'equivariance.group': grayscale needs colour images, {data.name} has "
                             f"{data.channels} channel(s)")
