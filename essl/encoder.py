@@ -1,4 +1,4 @@
-"""The encoder file: the one contract between pretraining and every evaluator (DESIGN.md).
+"""The encoder file: the one contract between pretraining and every evaluator (docs/design.md).
 
 ``encoder.pt`` holds ``{"state_dict", "backbone": {"name", "kwargs"}, "feature_dim", "input": {"channels",
 "size", "mean", "std"}, "config", "essl_version"}``. It is written atomically (temporary file + rename) and read

@@ -1,6 +1,6 @@
 """The LightningModule: views → method loss + λ · equivariance loss, logging, optimisation.
 
-Data flow (DESIGN.md): the DataModule yields uint8 images; Lightning moves them to the device; in
+Data flow (docs/design.md): the DataModule yields uint8 images; Lightning moves them to the device; in
 ``on_after_batch_transfer`` (training only) the :class:`~essl.augment.ViewMaker` makes the invariant views and
 the equivariance branch makes its exact transformed batch and labels; ``training_step`` computes
 ``loss = ssl_loss + λ · equi_loss`` (Dangovski et al., ICLR 2022, eq. 1). With λ = 0 there is no branch at all
@@ -104,7 +104,7 @@ class ESSLModule(L.LightningModule):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # runs during validation and the sanity check too: augment only while training (DESIGN.md)
+        # runs during validation and the sanity check too: augment only while training (docs/design.md)
         if self._trainer is not None and self.trainer.training:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             return self.make_training_batch(x)
@@ -172,7 +172,7 @@ class ESSLModule(L.LightningModule):
 
     def _decorrelate_ranks(self) -> None:
         """Under DDP every rank starts from the same seed (``seed_everything``): offset the global RNG by the
-        rank so that each GPU draws different views (DESIGN.md). A no-op on one process."""
+        rank so that each GPU draws different views (docs/design.md). A no-op on one process."""
         if self._trainer is None or self.trainer.world_size == 1:
             return
         base = int(torch.randint(0, 2**62, (1,)))  # identical on every rank at this point

@@ -48,7 +48,7 @@ FORMAT = "essl.phc/1"
 
 DOS_POINTS = 500
 TARGET_POINTS = 400
-"""Benchmark label convention (DESIGN.md): DOS on 500 points in [0, 1.2], the first 400 used as target."""
+"""Benchmark label convention (docs/design.md): DOS on 500 points in [0, 1.2], the first 400 used as target."""
 
 EPS_FLOOR = 1.0
 EPS_FLOOR_TOLERANCE = 1e-6

@@ -4,7 +4,7 @@ Every generator returns permittivity maps ``eps`` of shape ``(N, size, size)``, 
 **numpy array** (convert with ``torch.from_numpy`` where a tensor is needed). The values are physical
 relative permittivities (ε ≥ 1), never normalised here; models normalise as (ε − 1)/19 at their input.
 
-Datasets (DESIGN.md, "Photonics physics"):
+Datasets (docs/design.md, "Photonics physics"):
 
 * ``blob`` -- one smooth random blob centred in the cell, two-tone ε in [1, 20]: the "blob" unit cells of the
   photonics benchmark of Dangovski et al., "Equivariant Contrastive Learning", ICLR 2022, built on the 2D
@@ -71,7 +71,7 @@ LEVELSET_G = np.array([(1, 0), (0, 1), (1, 1), (1, -1)], dtype=np.float64)
 KINDS = ("blob", "levelset", "cylinder")
 SYMMETRIES = ("p1", "pm", "p4m")
 DEFAULT_SYMMETRY = "pm"
-"""The level-set dataset of the E-SSL paper uses one mirror (pm); DESIGN.md."""
+"""The level-set dataset of the E-SSL paper uses one mirror (pm); docs/design.md."""
 
 
 STREAM_ID = {"blob": 1, "levelset": 2, "cylinder": 3}

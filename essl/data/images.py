@@ -192,7 +192,7 @@ def load_phc_maps(path: str) -> LabelledData:
     """Photonic-crystal permittivity maps for pretraining: float32 (N, 1, n, n) in physical units (no labels).
 
     The model input is (ε − EPS_MIN) / EPS_SPAN, expressed as the dataset's ``mean``/``std`` so that the encoder
-    file carries it (DESIGN.md: normalise only at the model input).
+    file carries it (docs/design.md: normalise only at the model input).
     """
     from essl.data.phc import EPS_MIN, EPS_SPAN, load_phc
 
