@@ -19,10 +19,12 @@ from torch import nn
 from essl.errors import UserError
 from essl.methods.byol import BYOL
 from essl.methods.simclr import SimCLR
+from essl.methods.simsiam import SimSiam
 
 METHODS: dict[str, type[nn.Module]] = {
     "simclr": SimCLR,
     "byol": BYOL,
+    "simsiam": SimSiam,
 }
 
 #: Feature size of the stand-in backbone on which :func:`check_method_kwargs` builds a method to check values.
