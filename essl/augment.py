@@ -40,6 +40,7 @@ class ViewSpec:
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: float = 0.0
+    groups: tuple[str, ...] = ()  # transformation groups made invariant: a random element each (essl.transforms)
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -79,9 +80,25 @@ def build_view_pipeline(spec: ViewSpec, channels: int, mean: Sequence[float], st
         ops.append(K.RandomGaussianBlur((k, k), spec.blur_sigma, p=spec.blur_prob))
     if spec.solarize_prob > 0:
         ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=spec.solarize_prob))
+    ops += [RandomGroupElement(group) for group in spec.groups]
     if normalize:
         ops.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
     return nn.Sequential(*ops)
+
+
+class RandomGroupElement(nn.Module):
+    """A uniformly random element of a transformation group per image (:func:`essl.transforms.transform`, random
+    mode): the group as an *invariance* of the views, e.g. the paper's Figure 2 question "rotation as an augmentation"
+    (Dangovski et al., ICLR 2022). Acts on images in [0, 1], before normalisation."""
+
+    def __init__(self, group: str):
+        super().__init__()
+        if group not in transforms.GROUPS:
+            raise ValueError(f"unknown transformation group {group!r}; choose from {', '.join(transforms.GROUPS)}")
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return transforms.transform(x, self.group, mode="random")[0]
 
 
 class ViewMaker(nn.Module):

@@ -35,8 +35,10 @@ def resnet18_cifar(in_channels: int = 3) -> tuple[nn.Module, int]:
 
 
 def resnet50(in_channels: int = 3, zero_init_residual: bool = True) -> tuple[nn.Module, int]:
-    """ResNet-50 with the ImageNet stem (He et al., 2016), last BatchNorm of each block zero-initialised as in the
-    reference ImageNet code (rdangovs/essl imagenet/*): 2048-d features. Random initialisation, no download."""
+    """ResNet-50 with the ImageNet stem (He et al., 2016): 2048-d features, the paper's ImageNet backbone.
+
+    The last BatchNorm of each block is zero-initialised as in the reference ImageNet code (rdangovs/essl
+    imagenet/*). Random initialisation, no download."""
     net = torchvision.models.resnet50(weights=None, zero_init_residual=zero_init_residual)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -53,7 +55,9 @@ def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 def small_cnn(in_channels: int = 3, width: int = 32) -> tuple[nn.Module, int]:
-    """conv(w) -> conv(2w, /2) -> conv(4w, /2) -> conv(4w, /2) -> global average pool: 4w features."""
+    """Four 3x3 conv/BN/ReLU blocks and global average pooling, 4·width features (CPU-sized runs, tests).
+
+    conv(w) -> conv(2w, /2) -> conv(4w, /2) -> conv(4w, /2) -> global average pool."""
     net = nn.Sequential(
         _conv_block(in_channels, width, 1),
         _conv_block(width, 2 * width, 2),
@@ -73,10 +77,12 @@ PHC_FEATURES = 1024
 
 def phc_cnn(in_channels: int = 1, width: float = 1.0, input_size: int = 32,
             fc_batchnorm: bool = False) -> tuple[nn.Module, int]:
-    """The photonics encoder of the E-SSL paper: three 7×7 conv/BN/ReLU blocks with max-pools 2/4/4, then a
-    fully connected part Linear → ReLU → Linear to 1024 (the last layer's output is the representation), as the
-    reference ``Encoder`` (rdangovs/essl ``photonics/phc_models.py``; its convolutions carry a bias, which the
-    BatchNorm after them cancels, so ours have none). ``width`` multiplies every channel count and the hidden size
+    """The photonics encoder of the E-SSL paper (1024-d at width 1; unit cells of 32x32 pixels).
+
+    Three 7×7 conv/BN/ReLU blocks with max-pools 2/4/4, then a fully connected part Linear → ReLU → Linear to
+    1024 (the last layer's output is the representation), as the reference ``Encoder`` (rdangovs/essl
+    ``photonics/phc_models.py``; its convolutions carry a bias, which the BatchNorm after them cancels, so ours
+    have none). ``width`` multiplies every channel count and the hidden size
     (e.g. 0.25 for CPU-sized runs); ``fc_batchnorm=True`` adds a BatchNorm1d after the first linear layer (essl
     before 0.2). Needs ``input_size``×``input_size`` inputs of at least 32×32."""
     chans = [max(1, round(c * width)) for c in PHC_CHANNELS]
@@ -109,6 +115,13 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
 def register_backbone(name: str, factory: Callable[..., tuple[nn.Module, int]]) -> None:
     """Add a backbone factory ``factory(in_channels, **kwargs) -> (module, feature_dim)``."""
     BACKBONES[name] = factory
+
+
+def describe_backbone(name: str) -> str:
+    """One line: the first line of the factory's docstring."""
+    import inspect
+
+    return (inspect.getdoc(BACKBONES[name]) or name).splitlines()[0]
 
 
 def build_backbone(name: str, in_channels: int = 3, **kwargs) -> tuple[nn.Module, int]:

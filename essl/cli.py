@@ -55,6 +55,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         train_batch_size=args.train_batch_size,
         lr=args.lr,
+        equivariance=[g for g in (args.equivariance or "").split(",") if g],
     )
     print(format_table(result))
     if args.json:
@@ -107,6 +108,71 @@ def _cmd_phc_regress(args: argparse.Namespace) -> int:
     return 0
 
 
+LISTS = ("methods", "groups", "lattice", "backbones", "datasets", "configs")
+SWEEP_TRANSFORMS = ("hflip", "vflip", "rot4", "invert", "grayscale", "jigsaw", "blur")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from essl.eval.sweep import run_sweep
+
+    run_sweep(args.config, [t for t in args.transforms.split(",") if t], [a for a in args.arms.split(",") if a],
+              seeds=args.seeds, out=args.out, weight=args.weight, probe_seeds=args.probe_seeds, jobs=args.jobs,
+              threads=args.threads, overrides=args.overrides)
+    return 0
+
+
+def _config_dir():
+    from pathlib import Path
+
+    import essl
+
+    return Path(essl.__file__).resolve().parent.parent / "configs"
+
+
+def registry(kind: str) -> dict[str, str]:
+    """Name -> one-line description of what exists: ``essl list KIND`` (each list from its own registry)."""
+    if kind == "methods":
+        from essl.methods import METHODS, describe
+
+        return {name: describe(name) for name in METHODS}
+    if kind == "groups":
+        from essl.transforms import GROUP_INFO
+
+        return dict(GROUP_INFO)
+    if kind == "lattice":
+        from essl.augment import LATTICE_OPS
+
+        return dict(LATTICE_OPS)
+    if kind == "backbones":
+        from essl.backbones import BACKBONES, describe_backbone
+
+        return {name: describe_backbone(name) for name in BACKBONES}
+    if kind == "datasets":
+        from essl.data import DATASETS
+
+        return dict(DATASETS)
+    folder = _config_dir()
+    out = {}
+    for path in sorted(folder.glob("*/*.yaml")):
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        out[str(path.relative_to(folder.parent))] = first
+    return out
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    kinds = LISTS if args.what == "all" else (args.what,)
+    for kind in kinds:
+        entries = registry(kind)
+        if len(kinds) > 1:
+            print(f"{kind}:")
+        width = max((len(k) for k in entries), default=0)
+        for name, text in entries.items():
+            print(f"  {name:<{width}}  {text}")
+        if not entries:
+            print(f"  (none found under {_config_dir()})")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from essl.eval.bench import format_bench, run_bench
 
@@ -146,13 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paper protocol: images per SGD step (default 256, the paper's)")
     pr.add_argument("--lr", type=float, default=None,
                     help="paper protocol: base learning rate of the cosine schedule (default 30, the paper's)")
+    pr.add_argument("--equivariance", nargs="?", const="rot4", default=None, metavar="GROUPS",
+                    help="also diagnose these transformation groups (comma-separated, default rot4; `essl list "
+                         "groups`): invariance of the features and predictability of the transformation")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=_cmd_probe)
+
+    sw = sub.add_parser("sweep", help="the paper's Figure 2: each transformation as an invariance vs predicted")
+    sw.add_argument("config", help="the baseline config, e.g. configs/digits/simclr.yaml")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    sw.add_argument("--transforms", default=",".join(SWEEP_TRANSFORMS),
+                    help=f"comma-separated groups (default {','.join(SWEEP_TRANSFORMS)})")
+    sw.add_argument("--as", dest="arms", default="invariance,equivariance",
+                    help="arms beside the baseline: invariance and/or equivariance (default both)")
+    sw.add_argument("--seeds", type=int, default=1, help="pretraining seeds per run (default 1)")
+    sw.add_argument("--probe-seeds", type=int, default=5, help="linear-probe seeds per run (default 5)")
+    sw.add_argument("--weight", type=float, default=0.4, help="λ of the equivariance arm (default 0.4)")
+    sw.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
+    sw.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    sw.add_argument("--out", default=None, help="output folder (default runs/sweep-<config name>)")
+    sw.set_defaults(func=_cmd_sweep)
 
     phc = sub.add_parser("phc", help="photonic crystals: generate data, DOS regression")
     phc_sub = phc.add_subparsers(dest="phc_command", required=True, parser_class=_Parser)
     gen = phc_sub.add_parser("generate", help="generate unit cells (and DOS labels) into an HDF5 file")
-    gen.add_argument("--kind", required=True, choices=("blob", "levelset", "cylinder"))
+    from essl.photonics.unitcell import KINDS
+
+    gen.add_argument("--kind", required=True, choices=KINDS, help=f"unit-cell generator: {', '.join(KINDS)}")
     gen.add_argument("--n", type=int, required=True, help="number of unit cells")
     gen.add_argument("--out", required=True, help="output HDF5 file")
     gen.add_argument("--labels", action="store_true", help="solve bands and compute DOS labels")
@@ -190,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--device", default=None)
     reg.add_argument("--no-progress", action="store_true")
     reg.set_defaults(func=_cmd_phc_regress)
+
+    lst = sub.add_parser("list", help="what exists: methods, transformation groups, lattice operations, backbones, "
+                                      "datasets, configs")
+    lst.add_argument("what", nargs="?", default="all", choices=(*LISTS, "all"), help="which list (default all)")
+    lst.set_defaults(func=_cmd_list)
 
     bench = sub.add_parser("bench", help="speed benchmarks, measured side by side in one run")
     bench.add_argument("which", nargs="?", default="all", choices=("pipeline", "train", "solver", "all"))

@@ -29,7 +29,7 @@ LR_REFERENCE_BATCH = 256  # lr is given per 256 images and scaled linearly by th
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | stl10 | folder | phc
+    name: str = "digits"  # `essl list datasets`: digits, cifar10, cifar100, stl10, folder, phc
     path: str | None = None  # folder holding the data (all but digits); the HDF5 file for phc
     image_size: int = 32
     batch_size: int = 256  # per device
@@ -50,6 +50,7 @@ class AugmentConfig:
     grayscale_prob: float = 0.2
     blur_prob: Any = 0.0  # a probability, or one per view (BYOL / the reference ImageNet code: [1.0, 0.1])
     solarize_prob: Any = 0.0  # likewise ([0.0, 0.2])
+    groups: list[str] = field(default_factory=list)  # transformation groups made invariant (`essl list groups`)
 
 
 @dataclass
@@ -74,7 +75,9 @@ class EquivarianceConfig:
     lattice: list[str] = field(default_factory=list)  # view=raw: lattice ops applied before the group
     crop_size: int = 16
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    blur_prob: float | None = None  # crop view: its own blur / solarize probabilities (None: the first view's)
+    hflip_prob: float | None = None  # crop view: its own probabilities (None: those of the first invariant view)
+    grayscale_prob: float | None = None
+    blur_prob: float | None = None
     solarize_prob: float | None = None
     hidden_dim: int = 2048
     norm: str = "layernorm"  # head normalisation: layernorm (CIFAR-10 reference) | batchnorm (photonics reference)
@@ -85,7 +88,7 @@ class EquivarianceConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet18_cifar"  # resnet18_cifar | small_cnn
+    name: str = "resnet18_cifar"  # `essl list backbones`
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,7 +155,6 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("digits", "cifar10", "cifar100", "stl10", "folder", "phc"),
     "equivariance.group": transforms.GROUPS,
     "equivariance.mode": ("all", "random"),
     "equivariance.view": ("crop", "raw"),
@@ -163,7 +165,8 @@ CHOICES = {
 MOVED_METHOD_KEYS = ("hidden_dim", "output_dim", "temperature", "momentum_base")
 POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid")
 PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale_prob", "augment.blur_prob",
-                 "augment.solarize_prob", "equivariance.blur_prob", "equivariance.solarize_prob")
+                 "augment.solarize_prob", "equivariance.hflip_prob", "equivariance.grayscale_prob",
+                 "equivariance.blur_prob", "equivariance.solarize_prob")
 PER_VIEW = ("augment.blur_prob", "augment.solarize_prob")  # a probability or one per view
 
 
@@ -193,9 +196,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _validate(cfg: DictConfig) -> None:
+    from essl.backbones import BACKBONES
+    from essl.data import DATASETS
     from essl.methods import METHODS
 
-    for key, allowed in (*CHOICES.items(), ("method.name", tuple(METHODS))):
+    registries = {"method.name": tuple(METHODS), "backbone.name": tuple(BACKBONES), "data.name": tuple(DATASETS)}
+    for key, allowed in (*CHOICES.items(), *registries.items()):
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
@@ -218,6 +224,9 @@ def _validate(cfg: DictConfig) -> None:
             raise UserError(f"config key {key!r}: expected [min, max] with 0 < min <= max <= 1, got {list(lo_hi)}")
     from essl.augment import LATTICE_OPS
 
+    bad = [g for g in cfg.augment.groups if g not in transforms.GROUPS]
+    if bad:
+        raise UserError(f"config key 'augment.groups': {bad[0]!r} is not one of {', '.join(transforms.GROUPS)}")
     for key in ("augment.lattice", "equivariance.lattice"):
         bad = [op for op in OmegaConf.select(cfg, key) if op not in LATTICE_OPS]
         if bad:
@@ -265,7 +274,7 @@ def _validate_views(cfg: DictConfig) -> None:
         same = {"grayscale": "augment.grayscale_prob", "blur": "augment.blur_prob", "invert": "augment.solarize_prob"}
         key = same[e.group]
         value = OmegaConf.select(cfg, key)
-        own = {"blur": e.blur_prob, "invert": e.solarize_prob}.get(e.group)  # the crop view's own setting
+        own = {"blur": e.blur_prob, "invert": e.solarize_prob, "grayscale": e.grayscale_prob}[e.group]  # crop view's
         crop_prob = own if own is not None else max(value) if OmegaConf.is_list(value) else value
         if e.view == "crop" and crop_prob > 0:
             raise UserError(f"config key {key!r} ({value}) with 'equivariance.group' "
@@ -275,8 +284,9 @@ def _validate_views(cfg: DictConfig) -> None:
     # exact element algebra on a small grid with the same symmetry structure (see transforms.merged_elements)
     n = 8 * e.grid
     before = [("equivariance.lattice", op) for op in e.lattice]
-    if e.view == "crop" and a.hflip_prob > 0:
-        before.append(("augment.hflip_prob", "hflip"))  # the crop view flips images at random
+    hflip = a.hflip_prob if e.hflip_prob is None else e.hflip_prob
+    if e.view == "crop" and hflip > 0:  # the crop view flips images at random
+        before.append(("augment.hflip_prob" if e.hflip_prob is None else "equivariance.hflip_prob", "hflip"))
     perms = [transforms.element_permutations(op, n) for _, op in before]
     merged = transforms.merged_elements(e.group, perms, n, e.grid)
     if merged:

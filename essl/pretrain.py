@@ -65,11 +65,16 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         values = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
         return float(values[i] if len(values) > 1 else values[0])
 
-    def colour(view: int, blur: float | None = None, solarize: float | None = None) -> dict[str, Any]:
-        return dict(hflip_prob=a.hflip_prob, jitter_prob=a.jitter_prob, jitter=tuple(a.jitter),
-                    grayscale_prob=a.grayscale_prob,
-                    blur_prob=per_view(a.blur_prob, view) if blur is None else blur,
-                    solarize_prob=per_view(a.solarize_prob, view) if solarize is None else solarize)
+    def colour(view: int, own: Any = None) -> dict[str, Any]:
+        """The flip/colour settings of invariant view ``view``, or of the equivariance crop view (``own``: its
+        config section, whose None entries fall back to the first view's)."""
+        spec = dict(hflip_prob=a.hflip_prob, jitter_prob=a.jitter_prob, jitter=tuple(a.jitter),
+                    grayscale_prob=a.grayscale_prob, blur_prob=per_view(a.blur_prob, view),
+                    solarize_prob=per_view(a.solarize_prob, view), groups=tuple(a.groups) if own is None else ())
+        for key in ("hflip_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+            if own is not None and own[key] is not None:
+                spec[key] = float(own[key])
+        return spec
 
     def crop_views(size: int, scale: tuple[float, float], spec: dict[str, Any], normalize: bool = True) -> nn.Module:
         return build_view_pipeline(ViewSpec(size=size, scale=scale, **spec), data.channels, data.mean, data.std,
@@ -88,9 +93,8 @@ def build_module(cfg: DictConfig, data: LabelledData, global_batch: int) -> tupl
         # the branch's own input (docs/design.md): the paper's crop view for images, the raw cell (plus only
         # operations that keep the predicted elements apart, checked in essl.config) for unit cells;
         # un-normalised: the module normalises after the group transformation (colour groups act on [0, 1])
-        eq_view = crop_views(e.crop_size, tuple(e.crop_scale), colour(0, e.blur_prob, e.solarize_prob),
-                             False) if e.view == "crop" else LatticeViews(list(e.lattice), data.mean, data.std,
-                                                                          normalize=False)
+        eq_view = crop_views(e.crop_size, tuple(e.crop_scale), colour(0, e), False) if e.view == "crop" else (
+            LatticeViews(list(e.lattice), data.mean, data.std, normalize=False))
         if e.group == "grayscale" and data.channels != 3:
             raise UserError(f"config key 'equivariance.group': grayscale needs colour images, {data.name} has "
                             f"{data.channels} channel(s)")

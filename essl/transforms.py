@@ -54,12 +54,25 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-PERMUTATION_GROUPS = ("rot4", "flip4", "hflip", "vflip", "c4v", "translate", "jigsaw")
-"""Exact pixel permutations: undone bit for bit by :func:`inverse_labels`."""
+GROUP_INFO: dict[str, str] = {
+    "rot4": "four-fold rotation, 4 elements (Gidaris et al. 2018; the paper's main E-SSL task)",
+    "hflip": "horizontal flip, 2 elements",
+    "vflip": "vertical flip, 2 elements",
+    "flip4": "none / horizontal / vertical / both flips, 4 elements",
+    "c4v": "the 8 symmetries of the square",
+    "translate": "periodic shifts on an nt x nt grid (equivariance.grid; half-cell shifts for nt = 2)",
+    "jigsaw": "the 24 orders of the 2x2 tiles of the image",
+    "invert": "colour inversion 1 - x, 2 elements (images in [0, 1])",
+    "grayscale": "BT.601 luma in every channel, 2 elements (colour images)",
+    "blur": "none or a Gaussian blur of kernel 3, 5 or 7, 4 elements",
+}
+"""The registry of transformation sets an equivariance head can predict (the paper's Figure 2 set plus flip4, c4v,
+translate), with a one-line description each (``essl list groups``)."""
 PHOTOMETRIC_GROUPS = ("invert", "grayscale", "blur")
 """Deterministic but not invertible: applied to images in [0, 1] before normalisation."""
-GROUPS = (*PERMUTATION_GROUPS, *PHOTOMETRIC_GROUPS)
-"""Transformation sets an equivariance head can predict (the paper's Figure 2 set plus flip4, c4v, translate)."""
+PERMUTATION_GROUPS = tuple(g for g in GROUP_INFO if g not in PHOTOMETRIC_GROUPS)
+"""Exact pixel permutations: undone bit for bit by :func:`inverse_labels`."""
+GROUPS = tuple(GROUP_INFO)
 JIGSAW_PERMUTATIONS = tuple(itertools.permutations(range(4)))
 """The 24 orders of the 2×2 tiles, in label order."""
 BLUR_KERNELS = (3, 5, 7)

@@ -551,6 +551,8 @@ def run_probe(
     epochs: int | None = None,
     train_batch_size: int | None = None,
     lr: float | None = None,
+    baselines: bool = True,
+    equivariance: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Probe an encoder file and the two baselines; optionally write the result as JSON (atomically).
 
@@ -569,6 +571,10 @@ def run_probe(
             views); module docstring.
         epochs, train_batch_size, lr: the paper protocol's settings; None: the paper's (:data:`PAPER_EPOCHS`,
             :data:`PAPER_BATCH_SIZE`, :data:`PAPER_LR`). Setting them with the fast protocol is an error.
+        baselines: also probe a random-init encoder and raw pixels (False: the encoder alone, e.g. in sweeps).
+        equivariance: transformation groups (:data:`essl.transforms.GROUPS`) to diagnose
+            (:func:`essl.eval.equivariance.diagnose`): how invariant the representation is to each and how
+            predictable each is from it; in ``result["equivariance"]``.
 
     Returns:
         ``{"linear": {"mean", "std", "per_seed"}, "knn": {...}, "baselines": {"raw_pixels": {"linear", "knn"},
@@ -624,9 +630,11 @@ def run_probe(
     ys = (labelled.y_train, labelled.y_test)
     common = {"num_classes": labelled.num_classes, "seeds": seeds, "knn_k": knn_k, "knn_t": knn_t,
               "device": device}
-    random_encoder = random_encoder_like(encoder, seed=RANDOM_INIT_SEED)
+    models = [("encoder", encoder)]
+    if baselines:
+        models += [("random_init", random_encoder_like(encoder, seed=RANDOM_INIT_SEED)), ("raw_pixels", nn.Flatten())]
     runs = {}
-    for key, model in (("encoder", encoder), ("random_init", random_encoder), ("raw_pixels", nn.Flatten())):
+    for key, model in models:
         train_feats, test_feats = features(model)
         linear = None
         if protocol == "paper":
@@ -639,13 +647,18 @@ def run_probe(
     result = {
         "linear": runs["encoder"]["linear"],
         "knn": runs["encoder"]["knn"],
-        "baselines": {"raw_pixels": runs["raw_pixels"], "random_init": runs["random_init"]},
+        "baselines": {k: runs[k] for k in ("raw_pixels", "random_init") if k in runs},
         "encoder": str(encoder_path),
         "data": labelled.name,
         "protocol": protocol_text(seeds, knn_k, knn_t, protocol, **paper),
         "protocol_name": protocol,
         "settings": protocol_settings(protocol, seeds, knn_k, knn_t, **paper),
     }
+    if equivariance:
+        from essl.eval.equivariance import diagnose
+
+        result["equivariance"] = diagnose(encoder, labelled, equivariance, seeds=seeds, device=device,
+                                          batch_size=batch_size, knn_k=knn_k, knn_t=knn_t, progress=progress)
     if json_path is not None:
         atomic_write_json(json_path, result)
     return result
@@ -664,11 +677,9 @@ def _cell(summary: dict[str, Any]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The plain-text table ``essl probe`` prints: rows encoder / random init / raw pixels, accuracy in %."""
     n_seeds = len(result["linear"]["per_seed"])
-    rows = [
-        ("encoder", result),
-        ("random init", result["baselines"]["random_init"]),
-        ("raw pixels", result["baselines"]["raw_pixels"]),
-    ]
+    rows = [("encoder", result)] + [(label, result["baselines"][key]) for key, label in
+                                     (("random_init", "random init"), ("raw_pixels", "raw pixels"))
+                                     if key in result["baselines"]]
     cells = [(label, _cell(r["linear"]), _cell(r["knn"])) for label, r in rows]
     headers = ("", f"linear (%, {n_seeds} seed{'s' if n_seeds != 1 else ''})", "kNN (%)")
     widths = [max(len(row[i]) for row in [headers, *cells]) for i in range(3)]
@@ -684,4 +695,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("-" * len(lines[-1]))
     for label, lin, knn in cells:
         lines.append(f"{label:<{widths[0]}}  {lin:>{widths[1]}}  {knn:>{widths[2]}}")
+    if result.get("equivariance"):
+        from essl.eval.equivariance import format_diagnostics
+
+        lines += ["", format_diagnostics(result["equivariance"])]
     return "\n".join(lines)

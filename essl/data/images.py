@@ -185,7 +185,15 @@ def load_folder(root: Path, image_size: int | None) -> LabelledData:
     return LabelledData(f"folder:{root}", xtr, ytr, xte, yte, num_classes=len(classes))
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "folder", "phc")
+DATASETS: dict[str, str] = {
+    "digits": "scikit-learn's 8x8 handwritten digits, embedded (nothing downloaded), resized to data.image_size",
+    "cifar10": "CIFAR-10 from disk (the python version, cifar-10-batches-py under data.path)",
+    "cifar100": "CIFAR-100 from disk (cifar-100-python under data.path)",
+    "stl10": "STL-10 from disk (stl10_binary under data.path), with its 100k unlabelled images for pretraining",
+    "folder": "any ImageFolder tree: data.path/<class>/<image>, or data.path/{train,test|val}/<class>/<image>",
+    "phc": "photonic-crystal permittivity maps, an HDF5 file from `essl phc generate` (data.path)",
+}
+"""The dataset registry: names accepted by ``data.name`` and ``essl probe --data``, with a description each."""
 
 
 def load_phc_maps(path: str) -> LabelledData:
