@@ -235,6 +235,9 @@ def load_labelled(name_or_path: str, image_size: int | None = None, path: str | 
         return load_phc_maps(path)
     root = Path(path).expanduser()
     if not root.exists():
+        if name is None and "/" not in str(name_or_path) and not Path(str(name_or_path)).suffix:
+            raise UserError(f"dataset {name_or_path!r}: not a dataset name ({', '.join(DATASETS)}) nor an "
+                            "existing path")
         raise UserError(f"data path does not exist: {root}")
     if not root.is_dir():
         raise UserError(f"data path is not a folder: {root}")
