@@ -1,4 +1,4 @@
-"""Benchmark of labelled photonic-crystal data generation: essl's batched PWE solver vs legume-gme, side by side.
+"""Benchmark of labelled photonic-crystal data generation: essl's batched PWE solver vs legume-gme and MPB.
 
 Protocol (one process, one run, same cells):
 
@@ -7,18 +7,30 @@ Protocol (one process, one run, same cells):
   plane waves, complex64, 20×20 k-grid halved by time reversal = 200 k-points, group velocities, GGR DOS, target;
   the reduced-basis solver, :mod:`essl.photonics.reduced`, for cells with many irreducible k-points): the full
   labelled-generation cost, structures/s, and how far its labels are from the direct solver's;
+* accuracy: relative band errors (median, p90, max; ω = 0 at Γ excluded) of the default settings on the first
+  ``min(n, 4)`` cells, at Γ, X, M, two generic k-points (:data:`ACCURACY_KPOINTS`) and :data:`ACCURACY_GRID_POINTS`
+  points of the labels' own grid (the label bands themselves), against a converged reference: our solver in
+  complex128 at |G| ≤ 10 and |G| ≤ 14, Richardson-extrapolated with order 3 (:data:`REFERENCE_CUTOFFS`; TM bands
+  converge as ~m⁻³, and this extrapolation agrees with MPB extrapolated from resolutions 192/256 to 1e-4 at worst,
+  median 7e-6; tests/photonics/test_mpb.py);
 * legume-gme: ``PlaneWaveExp`` (its own matrix assembly, ``numpy.linalg.eigh`` per k-point) on the same cells
   and the same 200 k-points, TM, 10 bands — band solving only, no DOS (so the ratio is conservative). legume is
   given the *same* Fourier coefficients (the exact transform of the pixel map, through a small ``Layer`` subclass),
-  and its square plane-wave set |g_x|, |g_y| ≤ gmax is chosen as the smallest one whose band error is no larger
-  than ours ("equal accuracy"): the error of both is measured against a converged reference (our solver,
-  |G| ≤ 10, complex128) at a few k-points on the same cells;
-* timings are medians over ``repeats``; both sides run with the same number of CPU threads (``threads``).
+  and its square plane-wave set |g_x|, |g_y| ≤ gmax is chosen as the smallest one whose max band error is no
+  larger than ours ("equal accuracy");
+* MPB (:mod:`essl.photonics.mpb`, the solver the benchmark's original labels came from, in a subprocess with one
+  thread): the pixel map as a staircase material function, 10 TM bands *with group velocities* (what GGR labels
+  need) at the same 200 k-points, at the smallest resolution of :data:`MPB_RESOLUTIONS` whose max band error is no
+  larger than ours — band solving only, no DOS; its wall time includes starting the subprocess once per batch.
+  Skipped, with the reason printed, where MPB is not installed;
+* timings are medians over ``repeats``, all jobs interleaved round-robin; every side runs with the same number of
+  CPU threads (``threads``).
 
 Also measured: structures/s versus batch size and versus plane-wave count (cutoff), and bands-only throughput.
 ``tiny=True`` shrinks everything to run in seconds (used by tests).
 
-Run: ``python -m essl.eval.bench_solver [--n 16] [--kind levelset] [--device cpu] [--no-legume] [--tiny]``.
+Run: ``python -m essl.eval.bench_solver [--n 16] [--kind levelset] [--device cpu] [--no-legume] [--no-mpb]
+[--tiny]``.
 """
 
 from __future__ import annotations
@@ -32,9 +44,29 @@ import torch
 
 from essl.photonics import dos, pwe, unitcell
 
-REFERENCE_CUTOFF = 10
-"""Cutoff of the converged reference used to match accuracies (|G| ≤ 10, 317 plane waves)."""
-ACCURACY_KPOINTS = torch.tensor([[0.5, 0.0], [0.5, 0.5], [0.17, 0.29], [-0.31, 0.06]], dtype=torch.float64)
+REFERENCE_CUTOFFS = (10, 14)
+"""Cutoffs of the converged reference (317 and 613 plane waves, complex128), Richardson-extrapolated with order
+:data:`REFERENCE_ORDER` (module docstring)."""
+REFERENCE_ORDER = 3
+"""Convergence order of essl's TM bands in the cutoff m (error ∝ m⁻³, measured from m = 5 to 28 against MPB)."""
+TINY_REFERENCE_CUTOFFS = (6, 8)
+"""The reference of the ``tiny`` run (seconds; its numbers only check the plumbing)."""
+ACCURACY_KPOINTS = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.17, 0.29], [-0.31, 0.06]], dtype=torch.float64)
+"""Γ, X, M (the zone's high-symmetry points, where the highest bands of high-contrast cells are worst) and two
+generic k-points, units of 2π/a."""
+ACCURACY_GRID_POINTS = 8
+"""Points of the labels' own k-grid (evenly spaced in the half grid) whose label bands are also scored."""
+MPB_RESOLUTIONS = (16, 32, 64)
+"""MPB resolutions tried, coarsest first, for the one as accurate as essl's labels: divisors and multiples of the 32
+pixels, so that MPB's voxels line up with pixel edges (non-aligned ones converge irregularly; measured: 24 was less
+accurate than 32 on 10 blob and 10 level-set cells and no better than 16 on the blobs, 48 had a larger max error
+than 32 on one cell of three)."""
+MPB_DATASET_RESOLUTION = 32
+"""The resolution the benchmark's original labels were made with (Loh et al. 2022), timed as well."""
+MPB_STRUCTURES = 2
+"""Structures per timed MPB subprocess (its start-up, ~0.7 s, is included in its time)."""
+MPB_REPEATS = 2
+"""Timed MPB runs at most (MPB at resolution 64 takes ~30 s per structure for the 200 k-points)."""
 LEGUME_GMAX_CANDIDATES = (3, 4, 5, 6, 7)
 
 
@@ -117,6 +149,29 @@ VARIANTS = {
 """Label variants timed side by side (the last one is compute_labels' default)."""
 
 
+def _band_error_stats(f: np.ndarray, ref: np.ndarray) -> dict:
+    """Median, p90 and max of the relative band error |f − ref| / ref over (structure, k, band), leaving out the
+    ω = 0 mode at Γ (both solvers give 0 there, exactly or to rounding)."""
+    rel = np.abs(f - ref) / np.maximum(np.abs(ref), 1e-12)
+    rel = rel[ref > ZERO_FREQUENCY]
+    return {"median": float(np.median(rel)), "p90": float(np.quantile(rel, 0.9)), "max": float(rel.max())}
+
+
+ZERO_FREQUENCY = 1e-6
+"""Reference frequencies below this (the ω = 0 mode at Γ) are left out of the relative errors."""
+
+
+def reference_bands(cells: torch.Tensor, kpoints: torch.Tensor, n_bands: int, threads: int, tiny: bool) -> np.ndarray:
+    """Converged TM bands (N, K, n_bands) float64: complex128 at the two :data:`REFERENCE_CUTOFFS`,
+    Richardson-extrapolated with order :data:`REFERENCE_ORDER` (module docstring)."""
+    m1, m2 = TINY_REFERENCE_CUTOFFS if tiny else REFERENCE_CUTOFFS
+    f1, f2 = (
+        pwe.solve_bands(cells, kpoints, n_bands, cutoff=m, dtype=torch.complex128, num_threads=threads).numpy()
+        for m in (m1, m2)
+    )
+    return f2 - (f1 - f2) / ((m2 / m1) ** REFERENCE_ORDER - 1)
+
+
 def bench_solver(
     n_structures: int = 16,
     kind: str = "levelset",
@@ -130,18 +185,26 @@ def bench_solver(
     scaling: bool = True,
     tiny: bool = False,
     variants: bool = True,
+    compare_mpb: bool = True,
 ) -> dict:
-    """Measure labelled-generation speed (module docstring). Returns a dict of plain numbers:
+    """Measure labelled-generation speed and accuracy (module docstring). Returns a dict of plain numbers:
 
     ``ours_structs_per_s``, ``ours_bands_only_structs_per_s``, ``legume_structs_per_s``, ``speedup``,
-    ``ours_error`` / ``legume_error`` (max relative band error vs the reference), ``legume_gmax``,
+    ``ours_error`` / ``legume_error`` (max relative band error vs the reference), ``ours_error_stats``
+    {median, p90, max} over all scored points and ``ours_error_stats_gxm`` at Γ, X, M only, ``legume_gmax``,
     ``n_plane_waves_ours`` / ``n_plane_waves_legume``, ``batch_scaling`` {batch: structs/s} and
     ``cutoff_scaling`` {n_plane_waves: structs/s}, ``vs_direct_label_rel_l1`` / ``vs_direct_band_rel_max`` /
     ``vs_direct_band_rel_median`` (the default labels against ``band_solver="direct"``), ``variants``
     {name: structs/s} (each speed-up step of :data:`VARIANTS`, timed interleaved with the default and legume),
     ``n_kpoints_solved`` (k-points actually solved per structure after the symmetry reduction, mean),
     ``speedup_same_kpoints`` (against legume given the same reduced k-points, its time scaled by the k-point
-    ratio), plus the settings.
+    ratio); MPB: ``mpb_available``, ``mpb_skipped`` (the reason, when it did not run), ``mpb_errors_by_resolution``
+    {resolution: {median, p90, max}}, ``mpb_target`` (essl's errors on the same points), ``mpb_runs`` {"both": MPB
+    at the coarsest resolution at least as accurate in median and max, "max": in max only, "dataset": at
+    :data:`MPB_DATASET_RESOLUTION`} each with
+    ``resolution``, ``matched``, ``error_stats``, ``structs_per_s`` (``mpb_n`` structures per subprocess),
+    ``speedup`` (ours / MPB) and ``speedup_same_kpoints``, and the "both" run's numbers also as ``mpb_resolution``,
+    ``mpb_error_stats``, ``mpb_structs_per_s``, ``mpb_speedup``, ``mpb_speedup_same_kpoints``; plus the settings.
     """
     if tiny:
         n_structures, repeats, kgrid = min(n_structures, 2), 1, 4
@@ -174,6 +237,29 @@ def bench_solver(
         result["vs_direct_band_rel_max"] = float(dev.max())
         result["vs_direct_band_rel_median"] = float(dev.median())
         kpts, _ = pwe.kgrid(kgrid)
+
+        # accuracy of the default labels against the converged reference, on the first m_acc cells
+        m_acc = 1 if tiny else min(n_structures, 4)
+        acc_cells = cells[:m_acc].cpu()
+        grid_idx = torch.linspace(0, n_k - 1, min(ACCURACY_GRID_POINTS, n_k)).round().long().unique()
+        k_acc = torch.cat([ACCURACY_KPOINTS, kpts[grid_idx]])
+        ref = reference_bands(acc_cells, k_acc, n_bands, threads, tiny)
+        at_points = pwe.solve_bands(acc_cells, ACCURACY_KPOINTS, n_bands, cutoff=cutoff, num_threads=threads)
+        # the label bands themselves at the grid points
+        ours = np.concatenate([at_points.double().numpy(), lab["bands"][:m_acc, grid_idx].double().numpy()], axis=1)
+        stats = _band_error_stats(ours, ref)
+        result.update(
+            ours_error=stats["max"],
+            ours_error_stats=stats,
+            ours_error_stats_gxm=_band_error_stats(ours[:, :3], ref[:, :3]),
+            accuracy_cells=m_acc,
+            accuracy_kpoints=len(k_acc),
+            reference=(
+                f"essl complex128 |G| <= {TINY_REFERENCE_CUTOFFS if tiny else REFERENCE_CUTOFFS}, Richardson order "
+                f"{REFERENCE_ORDER}"
+            ),
+        )
+
         # every timed job, run round-robin `repeats` times so that load changes on a shared machine hit all alike
         jobs = {"ours": lambda: label(cells)}
         jobs["bands"] = lambda: pwe.solve_bands(cells, kpts, n_bands, cutoff=cutoff, num_threads=threads)
@@ -182,42 +268,70 @@ def bench_solver(
                 jobs[name] = lambda kw=kw: label(cells, **kw)
 
         if compare_legume:
-            # equal accuracy: errors against a converged reference at a few k-points, on the same cells
-            m_acc = 2 if tiny else min(n_structures, 4)
-            ref = pwe.solve_bands(
-                cells[:m_acc].cpu(),
-                ACCURACY_KPOINTS,
-                n_bands,
-                cutoff=REFERENCE_CUTOFF,
-                dtype=torch.complex128,
-                num_threads=threads,
-            ).numpy()
-            ours = (
-                pwe.solve_bands(cells[:m_acc].cpu(), ACCURACY_KPOINTS, n_bands, cutoff=cutoff, num_threads=threads)
-                .double()
-                .numpy()
-            )
-            err_ours = float(np.max(np.abs(ours - ref) / ref))
+            # equal accuracy: the smallest legume plane-wave set whose max error is no larger than ours
             chosen, err_leg = None, None
             for gmax in LEGUME_GMAX_CANDIDATES:
-                leg = _legume_bands(cells_np[:m_acc].astype(np.float64), ACCURACY_KPOINTS, gmax, n_bands)
-                err_leg = float(np.max(np.abs(leg - ref) / ref))
+                leg = _legume_bands(acc_cells.numpy().astype(np.float64), k_acc, gmax, n_bands)
+                err_leg = _band_error_stats(leg, ref)["max"]
                 chosen = gmax
-                if err_leg <= err_ours:
+                if err_leg <= stats["max"]:
                     break
-            result.update(
-                ours_error=err_ours,
-                legume_error=err_leg,
-                legume_gmax=chosen,
-                n_plane_waves_legume=(2 * chosen + 1) ** 2,
-            )
+            result.update(legume_error=err_leg, legume_gmax=chosen, n_plane_waves_legume=(2 * chosen + 1) ** 2)
             cells64 = cells_np.astype(np.float64)
             n_leg = n_structures if not tiny else 1
             jobs["legume"] = lambda: _legume_bands(cells64[:n_leg], kpts, chosen, n_bands)
 
+        result["mpb_available"] = False
+        if compare_mpb:
+            from essl.photonics import mpb
+
+            reason = mpb.mpb_unavailable_reason()
+            if reason is not None:
+                result["mpb_skipped"] = f"MPB not available: {reason}"
+            else:
+                result["mpb_available"] = True
+                # equal accuracy, on the same cells and k-points as essl's error: the coarsest resolution whose max
+                # band error is no larger than essl's ("max"), and the coarsest whose median and max both are
+                # ("both"); MPB's errors are spread more evenly than essl's, so the two can differ
+                k_mpb = ACCURACY_KPOINTS[:3] if tiny else k_acc
+                ref_mpb = ref[:, : len(k_mpb)]
+                target = _band_error_stats(ours[:, : len(k_mpb)], ref_mpb)
+                by_res: dict[int, dict] = {}
+                for res in MPB_RESOLUTIONS[:1] if tiny else MPB_RESOLUTIONS:
+                    f_mpb = mpb.solve_bands_mpb(acc_cells.numpy(), k_mpb, n_bands, resolution=res, threads=threads)
+                    by_res[res] = _band_error_stats(f_mpb, ref_mpb)
+                    if by_res[res]["max"] <= target["max"] and by_res[res]["median"] <= target["median"]:
+                        break
+
+                def first(ok) -> tuple[int, bool]:
+                    hits = [r for r, e in by_res.items() if ok(e)]
+                    return (hits[0], True) if hits else (max(by_res), False)
+
+                matched = {
+                    "both": first(lambda e: e["max"] <= target["max"] and e["median"] <= target["median"]),
+                    "max": first(lambda e: e["max"] <= target["max"]),
+                }
+                if not tiny:  # what the benchmark's original labels used, accurate or not
+                    if MPB_DATASET_RESOLUTION not in by_res:
+                        f_mpb = mpb.solve_bands_mpb(
+                            acc_cells.numpy(), k_mpb, n_bands, resolution=MPB_DATASET_RESOLUTION, threads=threads
+                        )
+                        by_res[MPB_DATASET_RESOLUTION] = _band_error_stats(f_mpb, ref_mpb)
+                    matched["dataset"] = (MPB_DATASET_RESOLUTION, True)
+                n_mpb = 1 if tiny else min(n_structures, MPB_STRUCTURES)
+                mpb_cells = cells_np[:n_mpb].astype(np.float64)
+                result.update(mpb_errors_by_resolution=by_res, mpb_target=target, mpb_n=n_mpb, mpb_runs={})
+                for crit, (res, ok) in matched.items():
+                    result["mpb_runs"][crit] = {"resolution": res, "matched": ok, "error_stats": by_res[res]}
+                    jobs[f"mpb {res}"] = lambda res=res: mpb.solve_bands_mpb(
+                        mpb_cells, kpts, n_bands, resolution=res, group_velocity=True, threads=threads
+                    )
+
         times: dict[str, list[float]] = {name: [] for name in jobs}
-        for _ in range(repeats):
+        for rep in range(repeats):
             for name, fn in jobs.items():
+                if name.startswith("mpb") and rep >= MPB_REPEATS:
+                    continue
                 times[name].append(_median_time(fn, 1))
         t = {name: statistics.median(v) for name, v in times.items()}
         result["ours_structs_per_s"] = n_structures / t["ours"]
@@ -229,6 +343,19 @@ def bench_solver(
             result["speedup_bands_only"] = result["ours_bands_only_structs_per_s"] / result["legume_structs_per_s"]
             # legume handed the same symmetry-reduced k-points: its cost is per k-point (one eigh each)
             result["speedup_same_kpoints"] = result["speedup"] * result["n_kpoints_solved"] / n_k
+        for run in result.get("mpb_runs", {}).values():
+            run["structs_per_s"] = result["mpb_n"] / t[f"mpb {run['resolution']}"]
+            run["speedup"] = result["ours_structs_per_s"] / run["structs_per_s"]
+            run["speedup_same_kpoints"] = run["speedup"] * result["n_kpoints_solved"] / n_k
+        if "mpb_runs" in result:  # the headline: MPB at least as accurate in median and max
+            both = result["mpb_runs"]["both"]
+            result.update(
+                mpb_resolution=both["resolution"],
+                mpb_error_stats=both["error_stats"],
+                mpb_structs_per_s=both["structs_per_s"],
+                mpb_speedup=both["speedup"],
+                mpb_speedup_same_kpoints=both["speedup_same_kpoints"],
+            )
 
         if scaling:
             batches = [1, 2] if tiny else sorted({1, 4, n_structures})
@@ -247,31 +374,81 @@ def bench_solver(
     return result
 
 
+MPB_CRITERIA = {
+    "both": "as accurate in median and max",
+    "max": "as accurate in max error only",
+    "dataset": "at the original dataset's resolution",
+}
+
+
+def _distinct_mpb_runs(r: dict) -> list[tuple[str, dict]]:
+    """The MPB runs to print: "max" only where it picked another resolution than "both"."""
+    out: list[tuple[str, dict]] = []
+    for crit, run in r.get("mpb_runs", {}).items():
+        if all(run["resolution"] != seen["resolution"] for _, seen in out):
+            out.append((crit, run))
+    return out
+
+
+def _stats(d: dict | None) -> str:
+    if not d:
+        return ""
+    return f"{d['median']:.1e} / {d['p90']:.1e} / {d['max']:.1e}"
+
+
 def format_table(r: dict) -> str:
     lines = [
         f"labelled generation, {r['kind']} 32×32, {r['n_bands']} TM bands, {r['n_kpoints']} k-points "
         f"({r['kgrid']}×{r['kgrid']} grid, time reversal; {r['n_kpoints_solved']:.0f} solved per structure after the "
         f"cell-symmetry reduction), {r['device']}, {r['threads']} thread(s), {r['n_structures']} structures",
         "",
-        "| solver | plane waves | max band error | structures/s |",
+        "| solver | discretisation | band error median / p90 / max | structures/s |",
         "|---|---|---|---|",
-        f"| essl pwe + GGR DOS (labels) | {r['n_plane_waves_ours']} (|G| ≤ {r['cutoff']}) | "
-        f"{r.get('ours_error', float('nan')):.1e} | {r['ours_structs_per_s']:.2f} |",
-        f"| essl pwe, bands only (full half grid) | {r['n_plane_waves_ours']} | | "
+        f"| essl pwe + GGR DOS (labels) | {r['n_plane_waves_ours']} plane waves (|G| ≤ {r['cutoff']}) | "
+        f"{_stats(r.get('ours_error_stats'))} | {r['ours_structs_per_s']:.2f} |",
+        f"| essl pwe, bands only (full half grid) | {r['n_plane_waves_ours']} plane waves | | "
         f"{r['ours_bands_only_structs_per_s']:.2f} |",
     ]
     for name, v in r.get("variants", {}).items():
-        lines.append(f"| labels: {name} | {r['n_plane_waves_ours']} | | {v:.2f} |")
+        lines.append(f"| labels: {name} | {r['n_plane_waves_ours']} plane waves | | {v:.2f} |")
     if "legume_structs_per_s" in r:
         lines.append(
-            f"| legume-gme PlaneWaveExp, bands only ({r['n_kpoints']} k) | {r['n_plane_waves_legume']} "
-            f"(|g_i| ≤ {r['legume_gmax']}) | {r['legume_error']:.1e} | {r['legume_structs_per_s']:.2f} |"
+            f"| legume-gme PlaneWaveExp, bands only ({r['n_kpoints']} k) | {r['n_plane_waves_legume']} plane waves "
+            f"(|g_i| ≤ {r['legume_gmax']}) | max {r['legume_error']:.1e} | {r['legume_structs_per_s']:.2f} |"
         )
+    for crit, run in _distinct_mpb_runs(r):
+        lines.append(
+            f"| MPB, bands + group velocities ({r['n_kpoints']} k, subprocess, {r['threads']} thread(s)), "
+            f"{MPB_CRITERIA[crit]} | resolution {run['resolution']} | {_stats(run['error_stats'])} | "
+            f"{run['structs_per_s']:.2f} |"
+        )
+    if "ours_error_stats" in r:
         lines.append("")
+        lines.append(
+            f"band errors: relative to the converged reference ({r['reference']}), on {r['accuracy_cells']} cells at "
+            f"{r['accuracy_kpoints']} k-points (Γ, X, M, 2 generic, {r['accuracy_kpoints'] - 5} label grid points), "
+            f"ω = 0 at Γ left out; essl's default at Γ, X, M alone: {_stats(r.get('ours_error_stats_gxm'))}"
+        )
+    if "speedup" in r:
         lines.append(
             f"speed-up (labels vs legume bands): {r['speedup']:.1f}×; bands vs bands: {r['speedup_bands_only']:.1f}×;"
             f" vs legume given the same symmetry-reduced k-points: {r['speedup_same_kpoints']:.1f}×"
         )
+    if "mpb_runs" in r:
+        per_res = ", ".join(f"{k}: {_stats(v)}" for k, v in r["mpb_errors_by_resolution"].items())
+        lines.append(
+            f"MPB band errors by resolution (median / p90 / max, same cells and k-points; essl's default there: "
+            f"{_stats(r['mpb_target'])}): {per_res}"
+        )
+        for crit, run in _distinct_mpb_runs(r):
+            missed = "" if run["matched"] else " (no tried resolution reached it: the finest is timed)"
+            lines.append(
+                f"essl labels vs MPB {MPB_CRITERIA[crit]}{missed}: {run['speedup']:.1f}×; vs MPB given the same "
+                f"symmetry-reduced k-points: {run['speedup_same_kpoints']:.1f}× (MPB: {r['mpb_n']} structure(s) per "
+                "subprocess, start-up included)"
+            )
+    elif r.get("mpb_skipped"):
+        lines.append(f"MPB comparison skipped: {r['mpb_skipped']}")
     if "vs_direct_label_rel_l1" in r:
         lines.append("")
         lines.append(
@@ -297,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-legume", action="store_true")
+    ap.add_argument("--no-mpb", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
     args = ap.parse_args(argv)
@@ -309,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         tiny=args.tiny,
         scaling=not args.no_scaling,
+        compare_mpb=not args.no_mpb,
     )
     print(format_table(r))
 

@@ -20,7 +20,8 @@ Fourier coefficients of the pixel map. ``fourier="pixel"`` (default) takes the m
 piecewise-constant ("staircase") function, and uses its exact Fourier coefficients
 ε̂(G) = DFT(ε)[G mod n] / n² · sinc(g_x/n) sinc(g_y/n) · e^{−iπ(g_x+g_y)/n}. These are exactly the limit of
 refining (nearest-neighbour upsampling) the map before the FFT, so they never alias and any cutoff is allowed.
-``fourier="dft"`` uses the plain FFT coefficients (the trigonometric interpolant of the pixel values); the
+``fourier="dft"`` uses the plain FFT coefficients (the trigonometric interpolant of the pixel values at the pixel
+centres, in the same frame as "pixel"); the
 Toeplitz matrix needs them at every difference G − G', whose components reach 2m for a cutoff m, and an n-point
 FFT distinguishes only |g| < n/2: the "dft" mode is alias-free only while 2m < n/2 (m ≤ 7 at n = 32) and raises
 a ValueError beyond it (upsample the map, or use ``fourier="pixel"``).
@@ -65,8 +66,17 @@ from essl.runtime import torch_threads
 DEFAULT_CUTOFF = 5
 """Default plane-wave cutoff m: |G| ≤ 5 (units of 2π/a), 81 plane waves. DOS labels (16×16 grid, 8 level-set / 8 blob
 cells) differ from |G| ≤ 7 (149 plane waves) by 0.17% / 0.05% relative L1 (|G| ≤ 4: 0.50% / 0.14%), far below
-the k-grid error, at ~half the cost of |G| ≤ 6. Individual high bands of high-contrast cells are less accurate
-(max relative band error ~1% against |G| ≤ 10); use a larger cutoff for band diagrams."""
+the k-grid error, at ~half the cost of |G| ≤ 6.
+
+Band frequencies are less accurate than that suggests. Measured against a converged reference (complex128 at
+|G| ≤ 10 and 14, Richardson-extrapolated with order 3; it agrees with MPB extrapolated from resolutions 64 and 128
+to 1.4e-4 at worst) on 40 blob / 40 level-set cells (30 random, 10 of the highest contrast), at Γ, X, M and 40
+points of the labels' 20×20 grid, 10 TM bands: relative error median 5.6e-5 / 1.4e-4, p90 1.3e-3 / 1.4e-3, max
+2.8e-2 / 3.3e-2. The worst are the top bands of cells with a small high-ε inclusion (fill 2–13%), where the
+field crowds into few pixels with sharp corners. TM bands converge from above (Galerkin in nested plane-wave
+sets) as ~m⁻³; a max error below 4e-3 needs |G| ≤ 8 for blobs (max 2.7e-3) / |G| ≤ 9 for level sets (2.3e-3), at
+2.8× / 4.3× the label cost, while the labels' DOS moves by only 0.15% / 0.14% relative L1 (mean; max 1.6% /
+1.7%). Use a larger cutoff for band diagrams (eval/bench_solver.py, README "Photonic-crystal data")."""
 
 DEFAULT_CUTOFF_SHAPE = "circle"
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -199,11 +209,16 @@ def kpath(
 def fourier_coefficients(eps: torch.Tensor, max_index: int, fourier: str = "pixel") -> torch.Tensor:
     """Fourier coefficients ε̂(G) of the periodic map for all G with |g_x|, |g_y| ≤ max_index.
 
+    Both rules use the same frame, that of :mod:`essl.photonics.unitcell`: pixel (row, col) is centred at
+    ((col + ½)/n, (row + ½)/n), so one point of the cell (an inversion centre, :func:`inversion_centres`) has the
+    same fractional coordinates in both.
+
     Args:
         eps: (B, n, n) real permittivity maps (rows = y, columns = x).
         max_index: largest |g| component needed (2m for the Toeplitz matrix of a cutoff m).
-        fourier: "pixel" (exact coefficients of the piecewise-constant map, never aliased) or "dft" (plain FFT
-            coefficients; raises ValueError unless max_index < n/2, where they are alias-free).
+        fourier: "pixel" (exact coefficients of the piecewise-constant map, never aliased) or "dft" (the FFT
+            coefficients, i.e. those of the trigonometric interpolant through the pixel values at the pixel
+            centres; raises ValueError unless max_index < n/2, where they are alias-free).
 
     Returns:
         (B, 2·max_index+1, 2·max_index+1) complex128, entry [b, g_y + max_index, g_x + max_index] =
@@ -224,13 +239,16 @@ def fourier_coefficients(eps: torch.Tensor, max_index: int, fourier: str = "pixe
     g = torch.arange(-max_index, max_index + 1, device=eps.device)
     idx = torch.remainder(g, n)
     coef = spec[:, idx][:, :, idx]  # (B, 2M+1, 2M+1) [g_y, g_x]
-    if fourier == "pixel":
-        gf = g.to(torch.float64)
-        # pixel (row, col) covers [col/n, (col+1)/n): its Fourier integral is the DFT term (centred at col/n)
-        # times the box transform e^{-iπg/n} sinc(g/n) in each direction
-        box = torch.sinc(gf / n) * torch.exp(-1j * math.pi * gf / n)  # (2M+1,)
-        coef = coef * box[:, None] * box[None, :]
-    return coef
+    gf = g.to(torch.float64)
+    # the FFT puts sample col at x = col/n; the pixel centre is at (col + ½)/n, half a pixel further: the shift
+    # theorem multiplies the coefficients by e^{-iπg/n} in each direction. Without this phase the "dft" frame
+    # would sit half a pixel away from the "pixel" one, and an inversion centre found on the map
+    # (inversion_centres, pixel frame) would not be one of the "dft" coefficients (their imaginary part, dropped
+    # by the real-symmetric path, is then not rounding: bands were off by up to 3.5%).
+    shift = torch.exp(-1j * math.pi * gf / n)  # (2M+1,)
+    # "pixel": the pixel is a box of side 1/n about its centre, whose transform is sinc(g/n) in each direction
+    factor = shift * torch.sinc(gf / n) if fourier == "pixel" else shift
+    return coef * factor[:, None] * factor[None, :]
 
 
 def epsilon_matrix(
@@ -267,8 +285,27 @@ def inverse_epsilon_matrix(
     for an origin at an inversion centre, where the imaginary part is rounding) returns the float64 real inverse."""
     e = epsilon_matrix(eps, gvecs, fourier, origin)
     if real:
-        e = e.real.contiguous()
+        e = real_part_about_centre(e)
     return torch.cholesky_inverse(torch.linalg.cholesky(e))
+
+
+_REAL_RTOL = 1e-9
+"""About an inversion centre the imaginary part of [ε] is float64 rounding of the FFT and the phases (~1e-15 of
+its largest entry); more than this fraction means the origin is not an inversion centre of the coefficients."""
+
+
+def real_part_about_centre(e: torch.Tensor) -> torch.Tensor:
+    """The real part of [ε] (B, P, P) taken about an inversion centre, checked: raises RuntimeError if the
+    imaginary part is more than rounding (``_REAL_RTOL`` of the largest entry), instead of silently solving another
+    cell (the cause of the half-pixel "dft" bug, :func:`fourier_coefficients`)."""
+    scale = e.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)  # (B,)
+    worst = (e.imag.abs().amax(dim=(-2, -1)) / scale).max().item() if e.numel() else 0.0
+    if worst > _REAL_RTOL:
+        raise RuntimeError(
+            f"[ε] about the detected inversion centre has an imaginary part {worst:.1e} of its largest entry:"
+            " the origin is not an inversion centre of these Fourier coefficients"
+        )
+    return e.real.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- cell symmetry
@@ -611,7 +648,7 @@ def solve_bands(
         if solver == "reduced":
             origin = centres[idx].to(device) if real else None
             e = epsilon_matrix(sub, gvecs, fourier, origin)
-            e = e.real.contiguous() if real else e
+            e = real_part_about_centre(e) if real else e
             f, v, _ = reduced.solve_reduced(
                 reduced.quadratic_form(e, gvecs, polarization),
                 kk[:K],

@@ -287,3 +287,105 @@ def test_lapack_subset_and_real_inversion_match_torch():
             assert (v.double() - v_ref).abs().max() < 1e3 * tol, (pol, dtype)
     with pytest.raises(ValueError, match="eigensolver"):
         pwe.solve_bands(cells, k, eigensolver="magma")
+
+
+# ----------------------------------------------------------------------------------------------- inversion centres
+
+
+def _ellipse_at(n: int, cx: float, cy: float, r: float = 0.3, aspect: float = 0.6, eps_in: float = 12.0):
+    """Anti-aliased ellipse (semi-axes r, aspect·r) centred at (cx, cy) (fractional, periodic) on an n×n map in the
+    unitcell frame (pixel centres at (j + ½)/n): inversion-symmetric about (cx, cy) whenever the grid is, i.e. when
+    cx, cy are pixel centres or pixel corners."""
+    s = 8  # supersampling per pixel side
+    m = n * s
+    c = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    dx, dy = (x - cx + 0.5) % 1 - 0.5, (y - cy + 0.5) % 1 - 0.5
+    inside = ((dx / r) ** 2 + (dy / (aspect * r)) ** 2 <= 1).double()
+    return 1 + (eps_in - 1) * inside.reshape(n, s, n, s).mean(dim=(1, 3))
+
+
+def _inversion_cells() -> dict[str, torch.Tensor]:
+    from essl.photonics import unitcell
+
+    n = 32
+    return {
+        # centre between pixels (a pixel corner): the cell centre of an even grid, and an off-centre corner
+        "cell centre, even grid": _ellipse_at(n, 0.5, 0.5),
+        "pixel corner": _ellipse_at(n, 3 / n, 11 / n),
+        # centre on a pixel centre
+        "pixel centre": _ellipse_at(n, 7.5 / n, 20.5 / n),
+        # on a pixel centre in x, between pixels in y
+        "mixed": _ellipse_at(n, 7.5 / n, 0.5),
+        # p4m level set moved by an odd shift: its centre moves from a corner to a pixel centre
+        "p4m level set, rolled": torch.roll(
+            torch.from_numpy(unitcell.generate_cells("levelset", 1, seed=8, symmetry="p4m"))[0].double(),
+            (5, 0),
+            dims=(0, 1),
+        ),
+        # no inversion centre: a p1 blob and a pm level set (one mirror only)
+        "p1 blob": torch.from_numpy(unitcell.generate_cells("blob", 1, seed=8))[0].double(),
+        "pm level set": torch.from_numpy(unitcell.generate_cells("levelset", 1, seed=8))[0].double(),
+    }
+
+
+K_INVERSION = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [0.17, 0.29], [-0.31, 0.06]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fourier", ["pixel", "dft"])
+@pytest.mark.parametrize("solver", ["direct", "reduced"])
+def test_real_inversion_equals_complex_path(fourier, solver):
+    """The real-symmetric shortcut (Fourier origin at the detected inversion centre) solves the same problem as
+    the complex one, for centres on a pixel centre, between pixels, mixed, and cells without a centre; for both
+    coefficient rules (the "dft" rule used to take the centre half a pixel off: bands off by up to 3.5%)."""
+    cells = _inversion_cells()
+    eps = torch.stack(list(cells.values()))
+    centres = pwe.inversion_centres(eps)
+    has_centre = ~centres[:, 0].isnan()
+    assert has_centre.tolist() == [True] * 5 + [False] * 2  # the real path is really taken for the first five
+    # the centre lies where the construction put it (mod ½: c and c + ½ are both centres of a periodic cell)
+    expect = torch.tensor([[0.5, 0.5], [3 / 32, 11 / 32], [7.5 / 32, 20.5 / 32], [7.5 / 32, 0.5]], dtype=torch.float64)
+    half_periods = (centres[:4] - expect) / 0.5
+    assert (half_periods - half_periods.round()).abs().max() < 1e-12
+    k = pwe.kgrid(4)[0] if solver == "reduced" else K_INVERSION
+    # the reduced solver is a Rayleigh-Ritz approximation whose basis differs between the real and the complex
+    # path; both are compared with the complex direct solve, to within its accepted Ritz error (measured <= 3e-7
+    # here; the half-pixel bug was 1e-3..1e-2)
+    tols = ((C128, 1e-5), (torch.complex64, 1e-5)) if solver == "reduced" else ((C128, 1e-9), (torch.complex64, 2e-5))
+    for pol in ("tm", "te"):
+        kw = dict(n_bands=8, polarization=pol, cutoff=4, fourier=fourier, group_velocity=True)
+        f_c, v_c = pwe.solve_bands(eps, k, dtype=C128, real_inversion=False, solver="direct", **kw)
+        for dtype, tol in tols:
+            f_r, v_r = pwe.solve_bands(eps, k, dtype=dtype, real_inversion=True, solver=solver, **kw)
+            rel = ((f_r.double() - f_c).abs() / f_c.clamp_min(1e-3)).amax(dim=(1, 2))
+            assert (rel < tol).all(), dict(zip(cells, rel.tolist(), strict=True))
+            # velocities: compared where bands are not degenerate (at Γ, X, M degenerate pairs have arbitrary bases)
+            if solver == "direct":
+                generic = slice(3, None)
+                assert (v_r[:, generic].double() - v_c[:, generic]).abs().max() < 1e3 * tol
+
+
+def test_dft_and_pixel_rules_share_the_frame():
+    """fourier="dft" on a map refined s× by nearest-neighbour upsampling tends to fourier="pixel" on the original
+    (module docstring): the refined map's FFT coefficients are the pixel ones times (πg/ns)/sin(πg/ns) per direction,
+    so the entries of [ε] differ by at most ((πg/ns)²/6)·2 relatively (g ≤ 2m). Run through the default real path,
+    this also checks that both rules put the inversion centre at the same point."""
+    eps = torch.stack(list(_inversion_cells().values()))
+    s, m = 8, 4
+    up = eps.repeat_interleave(s, -1).repeat_interleave(s, -2)
+    assert torch.equal(pwe.inversion_centres(up).isnan(), pwe.inversion_centres(eps).isnan())
+    a = pwe.solve_bands(up, K_INVERSION, 8, cutoff=m, fourier="dft", dtype=C128)  # real_inversion=True default
+    b = pwe.solve_bands(eps, K_INVERSION, 8, cutoff=m, fourier="pixel", dtype=C128)
+    bound = 2 * (math.pi * 2 * m / (32 * s)) ** 2 / 6
+    rel = ((a - b).abs() / b.clamp_min(1e-3)).max().item()
+    print(f"dft on the 8× refined map vs pixel: max relative band difference {rel:.1e} (entry bound {bound:.1e})")
+    assert rel < bound
+
+
+def test_real_path_refuses_a_wrong_centre():
+    eps = _ellipse_at(32, 0.5, 0.5)[None]
+    g = pwe.plane_waves(3)
+    pwe.inverse_epsilon_matrix(eps, g, "dft", torch.tensor([[0.5, 0.5]], dtype=torch.float64), real=True)
+    off = torch.tensor([[0.5 + 1 / 64, 0.5 + 1 / 64]], dtype=torch.float64)  # half a pixel off the centre
+    with pytest.raises(RuntimeError, match="not an inversion centre"):
+        pwe.inverse_epsilon_matrix(eps, g, "dft", off, real=True)
