@@ -16,6 +16,7 @@ TINY = ["data.name=digits", "data.path=null", "data.image_size=16", "data.batch_
         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.log_every_n_steps=1", "progress=false",
         "equivariance.crop_size=8",
         "eval.knn_monitor=false"]
+SMALL_HEADS = ["equivariance.hidden_dim=64", "method.kwargs.hidden_dim=64", "method.kwargs.output_dim=32"]
 
 
 def test_there_are_configs_for_every_method():
@@ -26,7 +27,7 @@ def test_there_are_configs_for_every_method():
 
 @pytest.mark.parametrize("path", IMAGE_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_runs_one_step(path, tmp_path):
-    cfg = load_config(path, TINY + [f"output_dir={tmp_path / 'run'}"])
+    cfg = load_config(path, TINY + SMALL_HEADS + [f"output_dir={tmp_path / 'run'}"])  # one step: small heads
     assert cfg.name  # every config names its run
     encoder = pretrain(cfg)
     assert encoder.is_file() and (tmp_path / "run" / "last.ckpt").is_file()

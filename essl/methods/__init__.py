@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from essl.errors import UserError
+from essl.methods.barlowtwins import BarlowTwins
 from essl.methods.byol import BYOL
 from essl.methods.simclr import SimCLR
 from essl.methods.simsiam import SimSiam
@@ -25,6 +26,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "simclr": SimCLR,
     "byol": BYOL,
     "simsiam": SimSiam,
+    "barlowtwins": BarlowTwins,
 }
 
 #: Feature size of the stand-in backbone on which :func:`check_method_kwargs` builds a method to check values.
