@@ -21,12 +21,14 @@ from essl.methods.barlowtwins import BarlowTwins
 from essl.methods.byol import BYOL
 from essl.methods.simclr import SimCLR
 from essl.methods.simsiam import SimSiam
+from essl.methods.vicreg import VICReg
 
 METHODS: dict[str, type[nn.Module]] = {
     "simclr": SimCLR,
     "byol": BYOL,
     "simsiam": SimSiam,
     "barlowtwins": BarlowTwins,
+    "vicreg": VICReg,
 }
 
 #: Feature size of the stand-in backbone on which :func:`check_method_kwargs` builds a method to check values.
