@@ -26,11 +26,17 @@ Protocol (one process, one run, same cells):
 * timings are medians over ``repeats``, all jobs interleaved round-robin; every side runs with the same number of
   CPU threads (``threads``).
 
-Also measured: structures/s versus batch size and versus plane-wave count (cutoff), and bands-only throughput.
+Also measured: the batched labels (the default: the reduced-basis solver and the GGR DOS batched over the
+structures of a chunk) against the per-structure path they replaced (``compute_labels(..., batched=False)``), timed
+interleaved on the same device; the blocking device→host reads of one chunk on either path
+(:class:`HostReadCounter`, simulated on CPU); structures/s versus batch size and versus plane-wave count (cutoff),
+and bands-only throughput.
 ``tiny=True`` shrinks everything to run in seconds (used by tests).
 
 Run: ``python -m essl.eval.bench_solver [--n 16] [--kind levelset] [--device cpu] [--no-legume] [--no-mpb]
-[--tiny]``.
+[--tiny]``. On a GPU, batched against per-structure labels and the reads per chunk:
+``python -m essl.eval.bench_solver --device cuda --n 256 --kind blob --no-legume --no-mpb --no-scaling
+--no-variants``.
 """
 
 from __future__ import annotations
@@ -68,6 +74,165 @@ MPB_STRUCTURES = 2
 MPB_REPEATS = 2
 """Timed MPB runs at most (MPB at resolution 64 takes ~30 s per structure for the 200 k-points)."""
 LEGUME_GMAX_CANDIDATES = (3, 4, 5, 6, 7)
+
+
+class HostReadCounter:
+    """Counts, on a CPU run, the blocking device→host reads the same code would make on a GPU.
+
+    Run the code on ``counter.device`` (``torch.device("cpu", 0)``: the CPU, under a name that host tensors, whose
+    device is plain "cpu", never carry). Every tensor that would live on the GPU is tagged: the results of
+    ``Tensor.to(counter.device)`` and of factory functions given ``device=counter.device``, and, through a
+    ``TorchDispatchMode``, every output of an op with a tagged input. Counted as **explicit** reads: ``item``,
+    ``tolist``, ``cpu``, ``numpy``, ``bool``/``int``/``float``/``index`` of a tagged tensor (the ``.cpu()`` copy
+    is untagged host data). Counted as **implicit** syncs: ops on tagged tensors that torch documents as
+    synchronising on CUDA or whose output shape depends on the data (``torch.linalg.eigh``/``eigvalsh``, the
+    ``check_errors`` of ``linalg.cholesky``/``inv``, ``nonzero``, ``masked_select``, ``unique``, indexing with a
+    boolean mask). Host-side bookkeeping (k-point layouts, cell symmetries of a host map) stays untagged.
+    ``reads`` / ``syncs`` list (what, file:line) of every event, for diagnosis.
+    """
+
+    READ_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    FACTORIES = ("empty", "zeros", "ones", "full", "arange", "tensor", "linspace", "eye", "as_tensor")
+    _TAG = "_essl_on_device"
+    DEVICE = torch.device("cpu", 0)
+    """The simulated device (module docstring of the class)."""
+
+    def __init__(self) -> None:
+        self.device = self.DEVICE
+        self.reads: list[tuple[str, str]] = []
+        self.syncs: list[tuple[str, str]] = []
+        self._saved: list[tuple[object, str, object]] = []
+        self._mode = None
+
+    @classmethod
+    def _tagged(cls, t: object) -> bool:
+        """On the (simulated) device: tagged, or really on a GPU (the counter also counts real CUDA runs)."""
+        return isinstance(t, torch.Tensor) and (getattr(t, cls._TAG, False) or t.device.type == "cuda")
+
+    @classmethod
+    def _tag(cls, out: object) -> object:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                setattr(t, cls._TAG, True)
+        return out
+
+    @staticmethod
+    def _where() -> str:
+        import sys
+
+        frame = sys._getframe(2)
+        while frame is not None and (
+            frame.f_code.co_filename.endswith("bench_solver.py") or "/torch/" in frame.f_code.co_filename
+        ):
+            frame = frame.f_back
+        if frame is None:  # pragma: no cover
+            return "?"
+        return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+
+    def _patch(self, owner: object, name: str, wrapper) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, wrapper)
+
+    def __enter__(self) -> HostReadCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        aten = torch.ops.aten
+        always_sync = {aten._linalg_eigh.default, aten.nonzero.default, aten.masked_select.default,
+                       aten._linalg_check_errors.default}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                flat = list(args) + list(kwargs.values())
+                flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
+                tagged = any(counter._tagged(a) for a in flat)
+                if tagged:
+                    name = str(func.overloadpacket.__name__)
+                    bool_index = func is aten.index.Tensor and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+                    )
+                    if func in always_sync or name.startswith("unique") or bool_index:
+                        counter.syncs.append((name + (" (boolean mask)" if bool_index else ""), counter._where()))
+                out = func(*args, **kwargs)
+                return counter._tag(out) if tagged else out
+
+        for name in self.READ_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def read(t, *a, _original=original, _name=name, **k):
+                if not counter._tagged(t):
+                    return _original(t, *a, **k)
+                counter.reads.append((_name, counter._where()))
+                out = _original(t, *a, **k)
+                if isinstance(out, torch.Tensor):  # the host copy (on CPU .cpu() returns the tensor itself)
+                    out = out.clone() if out is t else out
+                    setattr(out, counter._TAG, False)
+                return out
+
+            self._patch(torch.Tensor, name, read)
+        to = torch.Tensor.to
+
+        def simulated(device: object) -> bool:
+            try:
+                return isinstance(device, (str, torch.device)) and torch.device(device) == counter.DEVICE
+            except (RuntimeError, TypeError):
+                return False
+
+        def to_device(t, *a, **k):
+            out = to(t, *a, **k)
+            if simulated(k.get("device")) or any(simulated(x) for x in a):
+                out = out.clone() if out is t else out
+                counter._tag(out)
+            return out
+
+        self._patch(torch.Tensor, "to", to_device)
+        for name in self.FACTORIES:
+            original = getattr(torch, name)
+
+            def factory(*a, _original=original, **k):
+                out = _original(*a, **k)
+                return counter._tag(out) if simulated(k.get("device")) else out
+
+            self._patch(torch, name, factory)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+
+def count_host_reads(fn, *args, **kwargs) -> tuple[object, HostReadCounter]:
+    """``fn(*args, **kwargs)`` under a :class:`HostReadCounter`: (its result, the counter)."""
+    with HostReadCounter() as counter:
+        out = fn(*args, **kwargs)
+    return out, counter
+
+
+def host_reads_per_chunk(cells: torch.Tensor, device: str, **label_kwargs) -> dict:
+    """Blocking device→host reads of labelling ``cells`` (host maps) as one chunk, batched and per structure:
+    {"batched": {"explicit", "implicit", "where"}, "per_structure": {...}, "structures"}. On CPU the run is
+    simulated on :attr:`HostReadCounter.DEVICE` with the GPU's eigensolver ("torch") and memory budget; on CUDA it
+    is counted for real. "where" tallies the reads of the batched path by source line."""
+    from collections import Counter
+
+    simulated = torch.device(device).type == "cpu"
+    dev = HostReadCounter.DEVICE if simulated else device
+    kw = {**label_kwargs, "device": dev}
+    if simulated:  # what a GPU would run: its eigensolver and its memory budget
+        kw.update(eigensolver="torch", memory_budget=pwe.DEFAULT_MEMORY_BUDGET_CUDA)
+    out: dict = {"structures": len(cells), "simulated": simulated}
+    for name, batched in (("batched", True), ("per_structure", False)):
+        _, counter = count_host_reads(dos.compute_labels, cells, batched=batched, **kw)
+        out[name] = {"explicit": len(counter.reads), "implicit": len(counter.syncs)}
+        if batched:
+            out[name]["where"] = {f"{what} {where}": count for (what, where), count in
+                                  Counter(counter.reads + counter.syncs).most_common()}
+    return out
 
 
 def _pixel_ft(eps_map: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -189,8 +354,11 @@ def bench_solver(
 ) -> dict:
     """Measure labelled-generation speed and accuracy (module docstring). Returns a dict of plain numbers:
 
-    ``ours_structs_per_s``, ``ours_bands_only_structs_per_s``, ``legume_structs_per_s``, ``speedup``,
-    ``ours_error`` / ``legume_error`` (max relative band error vs the reference), ``ours_error_stats``
+    ``ours_structs_per_s`` (the default, batched labels), ``per_structure_structs_per_s`` (the per-structure path)
+    and ``batched_speedup`` (their ratio), ``batched_vs_per_structure_max_abs`` (largest label difference),
+    ``host_reads`` (:func:`host_reads_per_chunk` of the cells), ``ours_bands_only_structs_per_s``,
+    ``legume_structs_per_s``, ``speedup``, ``ours_error`` / ``legume_error`` (max relative band error vs the
+    reference), ``ours_error_stats``
     {median, p90, max} over all scored points and ``ours_error_stats_gxm`` at Γ, X, M only, ``legume_gmax``,
     ``n_plane_waves_ours`` / ``n_plane_waves_legume``, ``batch_scaling`` {batch: structs/s} and
     ``cutoff_scaling`` {n_plane_waves: structs/s}, ``vs_direct_label_rel_l1`` / ``vs_direct_band_rel_max`` /
@@ -209,9 +377,10 @@ def bench_solver(
     if tiny:
         n_structures, repeats, kgrid = min(n_structures, 2), 1, 4
     cells_np = unitcell.generate_cells(kind, n_structures, seed=0)  # (N, 32, 32) float32
-    cells = torch.from_numpy(cells_np).to(device)
+    host = torch.from_numpy(cells_np)  # the labels take host maps and solve on `device`, as `phc generate` does
+    cells = host.to(device)
     n_k = len(pwe.kgrid(kgrid)[0])
-    solved = [len(pwe.irreducible_kgrid(kgrid, tuple(o))[0]) for o in pwe.cell_symmetries(cells)]
+    solved = [len(pwe.irreducible_kgrid(kgrid, tuple(o))[0]) for o in pwe.cell_symmetries(host)]
     result: dict = {
         "kind": kind,
         "n_structures": n_structures,
@@ -227,11 +396,19 @@ def bench_solver(
     with _threads(threads):
 
         def label(x, **kw):
-            return dos.compute_labels(x, kgrid=kgrid, cutoff=cutoff, n_bands=n_bands, num_threads=threads, **kw)
+            kw = {"device": device, "kgrid": kgrid, "cutoff": cutoff, "n_bands": n_bands, "num_threads": threads, **kw}
+            return dos.compute_labels(x, **kw)
 
-        label(cells[:1])  # warm-up
+        label(host[:1])  # warm-up
+        label(host[:1], batched=False)
         # what the default (reduced-basis) solver changes against the direct one, on the same cells
-        lab, lab_direct = label(cells), label(cells, band_solver="direct")
+        lab, lab_direct = label(host), label(host, band_solver="direct")
+        lab_per = label(host, batched=False)  # the per-structure path: the same labels to rounding
+        result["batched_vs_per_structure_max_abs"] = max(
+            float((lab[k].double() - lab_per[k].double()).abs().max()) for k in ("bands", "dos", "target")
+        )
+        result["host_reads"] = host_reads_per_chunk(host, device, kgrid=kgrid, cutoff=cutoff, n_bands=n_bands,
+                                                    num_threads=threads)
         dev = (lab["bands"] - lab_direct["bands"]).abs() / lab_direct["bands"].clamp_min(1e-3)
         result["vs_direct_label_rel_l1"] = float(dos.relative_l1(lab["target"], lab_direct["target"]))
         result["vs_direct_band_rel_max"] = float(dev.max())
@@ -261,11 +438,12 @@ def bench_solver(
         )
 
         # every timed job, run round-robin `repeats` times so that load changes on a shared machine hit all alike
-        jobs = {"ours": lambda: label(cells)}
+        jobs = {"ours": lambda: label(host)}
+        jobs["per-structure"] = lambda: label(host, batched=False)  # the path before batching, any device
         jobs["bands"] = lambda: pwe.solve_bands(cells, kpts, n_bands, cutoff=cutoff, num_threads=threads)
         if variants and device == "cpu":
             for name, kw in VARIANTS.items():
-                jobs[name] = lambda kw=kw: label(cells, **kw)
+                jobs[name] = lambda kw=kw: label(host, **kw)
 
         if compare_legume:
             # equal accuracy: the smallest legume plane-wave set whose max error is no larger than ours
@@ -335,6 +513,8 @@ def bench_solver(
                 times[name].append(_median_time(fn, 1))
         t = {name: statistics.median(v) for name, v in times.items()}
         result["ours_structs_per_s"] = n_structures / t["ours"]
+        result["per_structure_structs_per_s"] = n_structures / t["per-structure"]
+        result["batched_speedup"] = result["ours_structs_per_s"] / result["per_structure_structs_per_s"]
         result["ours_bands_only_structs_per_s"] = n_structures / t["bands"]
         result["variants"] = {name: n_structures / t[name] for name in VARIANTS if name in t}
         if compare_legume:
@@ -360,13 +540,13 @@ def bench_solver(
         if scaling:
             batches = [1, 2] if tiny else sorted({1, 4, n_structures})
             result["batch_scaling"] = {
-                b: b / _median_time(lambda b=b: label(cells[:b]), repeats) for b in batches if b <= n_structures
+                b: b / _median_time(lambda b=b: label(host[:b]), repeats) for b in batches if b <= n_structures
             }
             cutoffs = [3, 4] if tiny else [4, 5, 6, 7]
             result["cutoff_scaling"] = {
                 pwe.n_plane_waves(m): n_structures
                 / _median_time(
-                    lambda m=m: dos.compute_labels(cells, kgrid=kgrid, cutoff=m, n_bands=n_bands, num_threads=threads),
+                    lambda m=m: label(host, cutoff=m),
                     repeats,
                 )
                 for m in cutoffs
@@ -406,6 +586,8 @@ def format_table(r: dict) -> str:
         "|---|---|---|---|",
         f"| essl pwe + GGR DOS (labels) | {r['n_plane_waves_ours']} plane waves (|G| ≤ {r['cutoff']}) | "
         f"{_stats(r.get('ours_error_stats'))} | {r['ours_structs_per_s']:.2f} |",
+        f"| essl labels, per-structure path (before batching) | {r['n_plane_waves_ours']} plane waves | | "
+        f"{r['per_structure_structs_per_s']:.2f} |",
         f"| essl pwe, bands only (full half grid) | {r['n_plane_waves_ours']} plane waves | | "
         f"{r['ours_bands_only_structs_per_s']:.2f} |",
     ]
@@ -449,6 +631,21 @@ def format_table(r: dict) -> str:
             )
     elif r.get("mpb_skipped"):
         lines.append(f"MPB comparison skipped: {r['mpb_skipped']}")
+    if "batched_speedup" in r:
+        lines.append("")
+        lines.append(
+            f"batched labels (the default) vs the per-structure path, {r['device']}: {r['batched_speedup']:.2f}× "
+            f"({r['ours_structs_per_s']:.2f} vs {r['per_structure_structs_per_s']:.2f} structures/s); largest label "
+            f"difference {r['batched_vs_per_structure_max_abs']:.1e}"
+        )
+    if "host_reads" in r:
+        h = r["host_reads"]
+        how = "simulated on CPU with the GPU's eigensolver" if h["simulated"] else "counted on the device"
+        lines.append(
+            f"blocking device→host reads for one chunk of {h['structures']} structures ({how}): batched "
+            f"{h['batched']['explicit']} explicit + {h['batched']['implicit']} implicit (torch.linalg.eigh); "
+            f"per-structure {h['per_structure']['explicit']} + {h['per_structure']['implicit']}"
+        )
     if "vs_direct_label_rel_l1" in r:
         lines.append("")
         lines.append(
@@ -477,6 +674,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-mpb", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--no-variants", action="store_true", help="skip the timed speed-up steps (CPU only anyway)")
     args = ap.parse_args(argv)
     r = bench_solver(
         args.n,
@@ -488,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         tiny=args.tiny,
         scaling=not args.no_scaling,
         compare_mpb=not args.no_mpb,
+        variants=not args.no_variants,
     )
     print(format_table(r))
 

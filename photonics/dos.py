@@ -32,8 +32,15 @@ Methods.
   Group velocities come from the eigenvectors (Hellmann–Feynman; :func:`essl.photonics.pwe.solve_bands`).
 
 Determinism. :func:`compute_labels` gives bit-identical results for a structure whatever else is in its batch
-(on CPU): the solver lays out every structure's eigenproblems identically, and the DOS is reduced structure by
-structure with identically shaped operations.
+(on CPU): the solver lays out every structure's eigenproblems identically, and the batched DOS adds every
+structure's contributions into its own bins in the same order (a wider window only adds exact zeros).
+
+Batching. The structures of a call that share a point group are solved together: the direct solver over
+structures × k-points, the reduced-basis solver and the GGR DOS over structures (``batched=True``, the default;
+``batched=False`` is the per-structure path they replaced, equal to rounding and kept for comparisons). With the
+maps on the host and ``device="cuda"``, a chunk of one symmetry group makes three explicit blocking reads (the
+k-points the reduced basis must re-solve, the widest GGR trapezoid, the copy of the labels) besides the syncs of
+``torch.linalg.eigh`` (README, "Photonic-crystal data").
 """
 
 from __future__ import annotations
@@ -130,6 +137,9 @@ def dos_ggr(
     omega: torch.Tensor,
     cell: float,
     sigma: float = 0.0,
+    *,
+    batched: bool = True,
+    memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
 ) -> torch.Tensor:
     """Generalised Gilat–Raubenheimer DOS (2D, analytic per cell; module docstring), bin-averaged on omega.
 
@@ -137,15 +147,92 @@ def dos_ggr(
         freqs: (B, K, nb) band frequencies at the k-grid points.
         vgroup: (B, K, nb, 2) group velocities ∂ω/∂k (k in units of 2π/a).
         weights: (K,) fraction of the zone represented by each k-point (sums to 1 over the zone).
-        omega: (W,) uniform frequency grid.
+        omega: (W,) uniform frequency grid (pass it on the CPU: its spacing is then read without a device read).
         cell: side Δ of the square k-cell around each grid point (1/n for an n×n grid).
         sigma: if > 0, the GGR DOS is then convolved with a Gaussian of this width (computed on a grid extended
             by SMOOTH_TRUNCATE·sigma on both sides first, so that no weight is lost or invented at the edges).
+        batched: all structures in one set of ops (DEFAULT; one host read per call, the width of the widest
+            trapezoid, in sub-batches of at most ``memory_budget`` bytes), or one structure at a time (``False``,
+            :func:`_dos_ggr_per_structure`, the path it agrees with to rounding).
+        memory_budget: bytes of working memory per sub-batch (``batched`` only).
 
     Returns:
-        (B, W) DOS in states per unit cell per unit frequency, float64. Structures are reduced one at a time
-        (batch-independent, bit for bit).
+        (B, W) DOS in states per unit cell per unit frequency, float64, on the device of ``freqs``. A structure's
+        DOS does not depend on the other structures of the batch (on CPU bit for bit: every bin adds the same
+        contributions in the same order; the window of bins a trapezoid covers may be wider, which adds exact
+        zeros).
     """
+    if not batched:
+        return _dos_ggr_per_structure(freqs, vgroup, weights, omega, cell, sigma)
+    _check_bands(freqs, weights)
+    device = freqs.device
+    om = omega.detach().cpu().to(torch.float64)  # the grid's arithmetic on the host
+    n_out = om.numel()
+    half = 0
+    if sigma > 0:
+        step = (om[1] - om[0]).item()
+        ker, half = _gaussian_kernel(sigma, step)
+        om = torch.cat(
+            [
+                om[0] - step * torch.arange(half, 0, -1, dtype=torch.float64),
+                om,
+                om[-1] + step * torch.arange(1, half + 1, dtype=torch.float64),
+            ]
+        )
+        taps = ker.tolist()
+    n_bins = om.numel()
+    h = (om[1] - om[0]).item() if n_bins > 1 else 1.0
+    first_edge = om[0].item() - h / 2  # bin j covers [first_edge + j·h, first_edge + (j+1)·h)
+    b_count, n_k, n_b = freqs.shape
+    if b_count == 0:
+        return torch.zeros(0, n_out, dtype=torch.float64, device=device)
+    f = freqs.to(torch.float64).reshape(b_count, -1, 1)  # (B, C, 1), C = K·nb trapezoids
+    widths = vgroup.to(torch.float64).abs() * cell  # (B, K, nb, 2)
+    p = widths.max(dim=-1).values.clamp_min(_MIN_WIDTH)  # (B, K, nb)
+    q = torch.maximum(widths.min(dim=-1).values, p * _MIN_WIDTH_RATIO).clamp_min(_MIN_WIDTH)
+    p, q = p.reshape(b_count, -1, 1), q.reshape(b_count, -1, 1)
+    wk = weights.to(device=device, dtype=torch.float64)[:, None].expand(n_k, n_b).reshape(1, -1, 1)  # (1, C, 1)
+    # every trapezoid covers [fc − (p+q)/2, fc + (p+q)/2]: its CDF is evaluated only at the span+1 edges of a
+    # window of bins starting just below its support; the one host read of the call is the widest support
+    span = int(math.ceil((p + q).max().item() / h)) + 2
+    per_structure = f.shape[1] * (span + 1) * f.element_size() * _GGR_WORKSPACE_FACTOR
+    step_b = max(1, memory_budget // per_structure)
+    offs = torch.arange(span + 1, device=device)  # (span+1,)
+    out = []
+    for s0 in range(0, b_count, step_b):
+        fc, pp, qq = f[s0 : s0 + step_b], p[s0 : s0 + step_b], q[s0 : s0 + step_b]
+        b = fc.shape[0]
+        start = torch.floor((fc - (pp + qq) / 2 - first_edge) / h).long().clamp(0, n_bins)  # (b, C, 1)
+        edges = first_edge + (start + offs) * h  # (b, C, span+1)
+        cdf = _trapezoid_cdf(edges - fc, pp, qq)  # (b, C, span+1)
+        mass = wk * (cdf[..., 1:] - cdf[..., :-1])  # (b, C, span)
+        row = (torch.arange(b, device=device) * (n_bins + span))[:, None, None]  # each structure its own bins
+        d = torch.zeros(b * (n_bins + span), dtype=torch.float64, device=device)
+        d.index_add_(0, (row + start + offs[:-1]).reshape(-1), mass.reshape(-1))  # sequential on CPU
+        d = d.reshape(b, n_bins + span)[:, :n_bins] / h  # (b, W_ext)
+        if sigma > 0:  # the Gaussian as a sum of shifted copies, in a fixed order (no batch-shaped matmul)
+            sm = taps[0] * d[:, 0:n_out]
+            for t in range(1, 2 * half + 1):
+                sm = sm + taps[t] * d[:, t : t + n_out]
+            d = sm
+        out.append(d)
+    return torch.cat(out)
+
+
+_GGR_WORKSPACE_FACTOR = 8
+"""Bytes of a batched GGR sub-batch per byte of its (structure, trapezoid, edge) array: edges, CDF terms, masses."""
+
+
+def _dos_ggr_per_structure(
+    freqs: torch.Tensor,
+    vgroup: torch.Tensor,
+    weights: torch.Tensor,
+    omega: torch.Tensor,
+    cell: float,
+    sigma: float = 0.0,
+) -> torch.Tensor:
+    """The per-structure path of :func:`dos_ggr` (essl 0.2's implementation, unchanged: a loop over the structures
+    with three host reads each). Kept as the reference of the batched path and for the benchmark (``batched=False``)."""
     _check_bands(freqs, weights)
     om = omega.to(torch.float64)
     n_out = om.numel()
@@ -274,13 +361,15 @@ def compute_labels(
     polarization: str = "tm",
     method: str = DEFAULT_METHOD,
     sigma: float | None = None,
-    memory_budget: int = pwe.DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     dtype: torch.dtype = pwe.DEFAULT_DTYPE,
     num_threads: int | None = pwe.DEFAULT_NUM_THREADS,
     kpoint_symmetry: bool = True,
     eigensolver: str = "auto",
     real_inversion: bool = True,
     band_solver: str = DEFAULT_BAND_SOLVER,
+    device: torch.device | str | None = None,
+    batched: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Bands, DOS and regression target of a batch of unit cells: THE labelling entry point of the datasets.
 
@@ -288,7 +377,10 @@ def compute_labels(
     (:func:`essl.photonics.pwe.kgrid`), computes the DOS in rescaled frequency on :func:`frequency_grid` with
     ``method`` ("ggr" smoothed by a Gaussian of width ``sigma``, or "gaussian" broadening of width ``sigma``;
     None = DEFAULT_SIGMA[method]), and the target DOS − 2πω on its first N_TARGET points
-    (module docstring). Runs on the device of ``eps``; returns CPU tensors.
+    (module docstring). Runs on ``device`` (default: the device of ``eps``); returns CPU tensors. Give ``eps`` on
+    the CPU with ``device="cuda"``: the cell symmetries are then found on the host copy and the only blocking reads
+    of the solve are the few per symmetry group that its data-dependent steps need (README, "Photonic-crystal
+    data").
 
     Args:
         eps: (N, n, n) permittivity maps (ε > 0), any real dtype; numpy arrays are accepted.
@@ -303,6 +395,12 @@ def compute_labels(
             with at least pwe.REDUCED_MIN_KPOINTS irreducible k-points, i.e. p1 and pm on the default grid),
             "reduced" (Rayleigh–Ritz on patches of the zone with an error estimate, :mod:`essl.photonics.reduced`;
             TM labels agree with "direct" to ~1e-5 relative L1) or "direct".
+        device: where to solve (default: the device of ``eps``).
+        memory_budget: bytes of working memory per batch of eigenproblems (default
+            :data:`pwe.DEFAULT_MEMORY_BUDGET` on CPU, :data:`pwe.DEFAULT_MEMORY_BUDGET_CUDA` on a GPU).
+        batched: the reduced-basis solver and the GGR DOS batched over the structures of the call (DEFAULT), or
+            one structure at a time (``False``: the per-structure path, equal to rounding; for comparisons).
+            Like ``memory_budget`` it changes speed only and is not a label setting.
 
     Returns:
         dict with "bands" (N, K, n_bands) float32 — un-rescaled frequencies ωa/2πc at the K = ⌈kgrid²/2⌉ k-points
@@ -316,13 +414,18 @@ def compute_labels(
     eps = torch.as_tensor(eps)
     if eps.ndim != 3:
         raise ValueError(f"eps must have shape (N, n, n), got {tuple(eps.shape)}")
-    with pwe.cpu_threads(num_threads if eps.device.type == "cpu" else None):
-        eps_avg = eps.to(torch.float64).mean(dim=(-1, -2))  # (N,)
-        omega = frequency_grid(device=eps.device)
+    device = torch.device(eps.device if device is None else device)
+    if memory_budget is None:
+        memory_budget = pwe.DEFAULT_MEMORY_BUDGET if device.type == "cpu" else pwe.DEFAULT_MEMORY_BUDGET_CUDA
+    with pwe.cpu_threads(num_threads if device.type == "cpu" else None):
+        eps_dev = eps.to(device)
+        eps_avg = eps_dev.to(torch.float64).mean(dim=(-1, -2))  # (N,)
+        omega_host = frequency_grid()
+        omega = omega_host.to(device)
         n_half = len(pwe.kgrid(kgrid)[0])
         band_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
-        f = torch.empty(eps.shape[0], n_half, n_bands, dtype=band_dtype)
-        dos = torch.empty(eps.shape[0], N_FREQ, dtype=torch.float64, device=eps.device)
+        f = torch.empty(eps.shape[0], n_half, n_bands, dtype=band_dtype, device=device)
+        dos = torch.empty(eps.shape[0], N_FREQ, dtype=torch.float64, device=device)
         # structures grouped by their exact point group: each group is solved on its irreducible k-points, so a
         # structure's result depends on its own map only (bit for bit, whatever else is in the batch)
         ops = pwe.cell_symmetries(eps) if kpoint_symmetry else [{} for _ in range(eps.shape[0])]
@@ -330,10 +433,9 @@ def compute_labels(
         for i, o in enumerate(ops):
             groups.setdefault(tuple(sorted(o)), []).append(i)
         for key, members in groups.items():
-            idx = torch.tensor(members, device=eps.device)
-            kpts, weights, index = pwe.irreducible_kgrid(kgrid, key)
-            kpts, weights = kpts.to(eps.device), weights.to(eps.device)
-            sub = eps[idx]
+            idx = torch.tensor(members, device=device)
+            kpts, weights, index = pwe.irreducible_kgrid(kgrid, key)  # host tensors
+            sub = eps[members] if eps.device.type == "cpu" else eps_dev[idx]
             scale = eps_avg[idx].sqrt()[:, None, None]  # (b, 1, 1)
             common = dict(
                 memory_budget=memory_budget,
@@ -342,21 +444,32 @@ def compute_labels(
                 eigensolver=eigensolver,
                 real_inversion=real_inversion,
                 solver=band_solver,
+                batched=batched,
+                device=device,
+                symmetries=[ops[i] for i in members] if kpoint_symmetry else None,
             )
             if method == "ggr":
                 fg, v = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, group_velocity=True, **common)
-                dos[idx] = dos_ggr(fg * scale, v * scale[..., None], weights, omega, cell=1.0 / kgrid, sigma=sigma)
+                dos[idx] = dos_ggr(
+                    fg * scale,
+                    v * scale[..., None],
+                    weights,
+                    omega_host,
+                    cell=1.0 / kgrid,
+                    sigma=sigma,
+                    batched=batched,
+                    memory_budget=memory_budget,
+                )
             else:
                 fg = pwe.solve_bands(sub, kpts, n_bands, polarization, cutoff, **common)
-                dos[idx] = dos_gaussian(fg * scale, weights, omega, sigma)
-            f[idx.cpu()] = fg[:, index.to(fg.device)].cpu().to(f.dtype)
+                dos[idx] = dos_gaussian(fg * scale, weights.to(device), omega, sigma)
+            f[idx] = fg[:, index.to(device)].to(f.dtype)
     target = dos[:, :N_TARGET] - empty_lattice_dos(omega[:N_TARGET])
-    return {
-        "bands": f.float().cpu(),
-        "dos": dos.float().cpu(),
-        "target": target.float().cpu(),
-        "eps_avg": eps_avg.float().cpu(),
-    }
+    out = {"bands": f, "dos": dos, "target": target, "eps_avg": eps_avg}
+    # one device-to-host copy for all four (float32 values, as before)
+    flat = torch.cat([v.float().reshape(-1) for v in out.values()]).cpu()
+    parts = flat.split([v.numel() for v in out.values()])
+    return {k: part.reshape(v.shape).clone() for (k, v), part in zip(out.items(), parts, strict=True)}
 
 
 def relative_l1(

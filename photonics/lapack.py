@@ -1,6 +1,7 @@
 """CPU subset eigensolver: LAPACK's MRRR (?heevr / ?syevr via scipy) for the lowest eigenpairs of a stack of
 Hermitian / real symmetric matrices, one matrix at a time in an aligned buffer (batch-independent bit for bit).
-Used by :mod:`essl.photonics.pwe` (direct solves) and :mod:`essl.photonics.reduced` (seed solves)."""
+Used by :mod:`essl.photonics.pwe` (direct solves) and :mod:`essl.photonics.reduced` (seed solves). Also the
+Cholesky factorisation both use, without a host read on a GPU (:func:`cholesky`)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,11 @@ def lapack_lowest(mats: torch.Tensor, n_bands: int, vectors: bool) -> tuple[torc
             if vectors:
                 np.conjugate(z, out=vec[i]) if a.dtype.kind == "c" else np.copyto(vec[i], z)
     return torch.from_numpy(lam), (torch.from_numpy(vec) if vectors else None)
+
+
+def cholesky(e: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor L (lower) of Hermitian positive definite matrices (..., P, P), without the blocking host read
+    of ``torch.linalg.cholesky`` on a GPU (it reads LAPACK's status to raise). [ε] of a real map ε > 0 is positive
+    definite (a Gram matrix of ∫ε|u|²), and :func:`essl.photonics.pwe.solve_bands` refuses any other map; a
+    failure would give non-finite bands, which the dataset writer refuses (:mod:`essl.photonics.dataset`)."""
+    return torch.linalg.cholesky_ex(e, check_errors=False).L

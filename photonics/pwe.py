@@ -50,7 +50,11 @@ lowest band near Γ). Cells with exact symmetries (:func:`cell_symmetries`) are 
 [ε] real about it (real symmetric eigenproblems), and :func:`irreducible_kgrid` drops the k-points related by the
 cell's point group (used by :func:`essl.photonics.dos.compute_labels`). For many k-points per structure,
 ``solver="reduced"`` replaces the per-k-point diagonalisation by Rayleigh–Ritz in small per-patch bases with an
-error check (:mod:`essl.photonics.reduced`; the labels' default for p1 and pm cells).
+error check (:mod:`essl.photonics.reduced`; the labels' default for p1 and pm cells), batched over structures.
+
+Devices. :func:`solve_bands` takes host maps and a ``device``: the checks and the symmetry analysis run on the host
+copy, the plane waves and k-points are moved once, and the Cholesky factorisation skips torch's error-check read
+(:func:`essl.photonics.lapack.cholesky`), so that a GPU solve is not interrupted by reads of its input.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ import math
 import torch
 
 from essl.photonics import reduced
-from essl.photonics.lapack import lapack_available, lapack_lowest
+from essl.photonics.lapack import cholesky, lapack_available, lapack_lowest
 from essl.runtime import torch_threads
 
 DEFAULT_CUTOFF = 5
@@ -81,6 +85,10 @@ sets) as ~m⁻³; a max error below 4e-3 needs |G| ≤ 8 for blobs (max 2.7e-3) 
 DEFAULT_CUTOFF_SHAPE = "circle"
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes of working memory per chunk of eigenproblems (matrices plus eigensolver workspace)."""
+DEFAULT_MEMORY_BUDGET_CUDA = 2 * 2**30
+"""The same on a GPU (:func:`essl.photonics.dos.compute_labels`' default there): a chunk of 32-256 structures of the
+default labels in one or a few batches (~15 MB per structure in the reduced-basis solver, measured on CPU; not
+tuned on a GPU here)."""
 
 DEFAULT_DTYPE = torch.complex64
 
@@ -260,8 +268,8 @@ def epsilon_matrix(
     multiplied by e^{2πi G·origin}, a unitary similarity D [ε] D* (D = diag(e^{2πi G·origin})) that leaves the bands
     unchanged. About an inversion centre of the cell the coefficients, and so [ε], are real (:func:`inversion_centres`).
     """
+    m = int(gvecs.abs().max()) if gvecs.numel() else 0  # pass host plane waves: no device read
     gvecs = gvecs.to(eps.device)
-    m = int(gvecs.abs().max().item()) if gvecs.numel() else 0
     coef = fourier_coefficients(eps, 2 * m, fourier)  # (B, 4m+1, 4m+1)
     if origin is not None:
         g = torch.arange(-2 * m, 2 * m + 1, device=eps.device, dtype=torch.float64)
@@ -286,7 +294,7 @@ def inverse_epsilon_matrix(
     e = epsilon_matrix(eps, gvecs, fourier, origin)
     if real:
         e = real_part_about_centre(e)
-    return torch.cholesky_inverse(torch.linalg.cholesky(e))
+    return torch.cholesky_inverse(cholesky(e))
 
 
 _REAL_RTOL = 1e-9
@@ -360,7 +368,7 @@ def cell_symmetries(eps: torch.Tensor) -> list[dict[str, tuple[int, int]]]:
     """
     if eps.ndim != 3 or eps.shape[-1] != eps.shape[-2]:
         raise ValueError(f"eps must have shape (B, n, n), got {tuple(eps.shape)}")
-    e = eps.detach().to("cpu", torch.float64)
+    e = eps.detach().cpu().to(torch.float64)
     n = e.shape[-1]
     spec = torch.fft.fft2(e)
     norm2 = (e * e).sum(dim=(-2, -1))  # (B,)
@@ -542,11 +550,17 @@ def solve_bands(
     eigensolver: str = "auto",
     real_inversion: bool = True,
     solver: str = "direct",
+    *,
+    batched: bool = True,
+    device: torch.device | str | None = None,
+    symmetries: list[dict] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lowest ``n_bands`` band frequencies of a batch of 2D photonic crystals at the given k-points.
 
     Plane-wave expansion with the inverse rule (module docstring; Ho, Chan & Soukoulis 1990; Joannopoulos et al.
-    ch. 5). Runs on the device of ``eps``.
+    ch. 5). Runs on ``device`` (default: the device of ``eps``). With ``eps`` on the CPU and ``device`` a GPU, the
+    checks and the symmetry analysis run on the host copy and the solve on the GPU, without blocking reads of the
+    input.
 
     Args:
         eps: (B, n, n) or (n, n) real permittivity maps, ε > 0 (rows = y, columns = x).
@@ -570,7 +584,12 @@ def solve_bands(
             per patch of the zone, built from direct solves at the patch corners, with an a-posteriori error
             estimate that re-solves doubtful k-points directly; :mod:`essl.photonics.reduced`) or "auto" ("reduced"
             from REDUCED_MIN_KPOINTS k-points on, else "direct"). "reduced" pays off for many k-points per structure
-            (DOS grids); ``eigensolver`` then applies to its seed problems and ``memory_budget`` is not used.
+            (DOS grids); ``eigensolver`` then applies to its seed problems and ``memory_budget`` bounds its
+            sub-batches of structures.
+        batched: "reduced" only: solve the structures of a call together (DEFAULT; :func:`reduced.solve_reduced`),
+            or one at a time (``False``, the per-structure path it agrees with to rounding).
+        device: where to solve (default: the device of ``eps``).
+        symmetries: :func:`cell_symmetries` of ``eps`` if already known (the inversion centres come from it).
 
     Returns:
         freqs (B, K, n_bands) in units of ωa/2πc, float32 for complex64 / float64 for complex128, ascending per
@@ -578,7 +597,10 @@ def solve_bands(
         (exactly 0 for the ω = 0 mode at Γ). At a degenerate k-point the velocities of the degenerate bands are
         those of an arbitrary basis of the degenerate subspace (uniform grids at cell centres avoid such points).
     """
-    if num_threads is not None and eps.device.type == "cpu" and num_threads != torch.get_num_threads():
+    if device is None:
+        device = eps.device
+    device = torch.device(device)
+    if num_threads is not None and device.type == "cpu" and num_threads != torch.get_num_threads():
         with cpu_threads(num_threads):
             return solve_bands(
                 eps,
@@ -595,6 +617,9 @@ def solve_bands(
                 eigensolver=eigensolver,
                 real_inversion=real_inversion,
                 solver=solver,
+                batched=batched,
+                device=device,
+                symmetries=symmetries,
             )
     polarization = polarization.lower()
     if polarization not in POLARIZATIONS:
@@ -610,21 +635,20 @@ def solve_bands(
         eps = eps[None]
     if eps.ndim != 3 or eps.shape[-1] != eps.shape[-2]:
         raise ValueError(f"eps must have shape (B, n, n), got {tuple(eps.shape)}")
-    if eps.is_complex() or not torch.isfinite(eps).all() or (eps <= 0).any():
+    if eps.is_complex() or not bool((torch.isfinite(eps) & (eps > 0)).all()):  # one read (none for a host eps)
         raise ValueError("eps must be real, finite and positive")
     kpoints = torch.as_tensor(kpoints)
     if kpoints.ndim != 2 or kpoints.shape[1] != 2:
         raise ValueError(f"kpoints must have shape (K, 2), got {tuple(kpoints.shape)}")
-    device = eps.device
     if solver == "auto":
         solver = "reduced" if kpoints.shape[0] >= REDUCED_MIN_KPOINTS else "direct"
     if eigensolver == "auto":
         vectors = group_velocity or solver == "reduced"
         eigensolver = "lapack" if device.type == "cpu" and vectors and lapack_available() else "torch"
     if eigensolver == "lapack" and device.type != "cpu":
-        raise ValueError(f"eigensolver='lapack' runs on CPU only, eps is on {device}")
+        raise ValueError(f"eigensolver='lapack' runs on CPU only, the solve is on {device}")
     real_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
-    gvecs = plane_waves(cutoff, cutoff_shape).to(device)  # (P, 2)
+    gvecs = plane_waves(cutoff, cutoff_shape)  # (P, 2) on the host; the ε-matrix builders move it
     n_pw = gvecs.shape[0]
     if not 1 <= n_bands <= n_pw:
         raise ValueError(f"n_bands={n_bands!r}: must be in [1, {n_pw}] for {n_pw} plane waves (cutoff {cutoff})")
@@ -632,43 +656,51 @@ def solve_bands(
 
     # k-points padded (repeating the last one) to a multiple of _ALIGN_K; the padding is discarded
     k_pad = -(-K // _ALIGN_K) * _ALIGN_K
-    kk = kpoints.to(device=device, dtype=torch.float64)
+    k_host = kpoints.detach().cpu().to(torch.float64)
+    kk = k_host.to(device)
     kk = torch.cat([kk, kk[-1:].expand(k_pad - K, 2)]) if k_pad > K else kk
-    q = (kk[:, None, :] + gvecs[None].to(torch.float64)).to(real_dtype)  # (Kp, P, 2) = k + G
+    q = (kk[:, None, :] + gvecs[None].to(device, torch.float64)).to(real_dtype)  # (Kp, P, 2) = k + G
 
-    centres = inversion_centres(eps) if real_inversion else torch.full((B, 2), float("nan"), dtype=torch.float64)
+    if real_inversion:
+        centres = inversion_centres(eps, symmetries)
+    else:
+        centres = torch.full((B, 2), float("nan"), dtype=torch.float64)
     is_real = ~centres[:, 0].isnan()
+    eps_dev = eps.to(device)
     freqs = torch.empty(B, k_pad, n_bands, dtype=real_dtype, device=device)
     vg = torch.empty(B, k_pad, n_bands, 2, dtype=real_dtype, device=device) if group_velocity else None
     for real in (False, True):
         idx = (is_real == real).nonzero()[:, 0]
         if len(idx) == 0:
             continue
-        sub = eps[idx.to(device)]
+        idx_dev = idx.to(device)
+        sub = eps_dev[idx_dev]
         if solver == "reduced":
             origin = centres[idx].to(device) if real else None
             e = epsilon_matrix(sub, gvecs, fourier, origin)
             e = real_part_about_centre(e) if real else e
             f, v, _ = reduced.solve_reduced(
                 reduced.quadratic_form(e, gvecs, polarization),
-                kk[:K],
+                k_host,
                 n_bands,
                 group_velocity,
                 seed_dtype=real_dtype if real else dtype,
                 eigensolver=eigensolver,
+                batched=batched,
+                memory_budget=memory_budget,
             )
-            freqs[idx.to(device), :K] = f.to(real_dtype)
+            freqs[idx_dev, :K] = f.to(real_dtype)
             if group_velocity:
-                vg[idx.to(device), :K] = v.to(real_dtype)
+                vg[idx_dev, :K] = v.to(real_dtype)
             continue
         if real:  # [ε] real symmetric about the inversion centre; float32 / float64 real eigenproblems
             a_inv = inverse_epsilon_matrix(sub, gvecs, fourier, centres[idx].to(device), real=True).to(real_dtype)
         else:
             a_inv = inverse_epsilon_matrix(sub, gvecs, fourier).to(dtype)  # (b, P, P), once per structure
         f, v = _solve_group(a_inv, q, n_bands, polarization, group_velocity, memory_budget, eigensolver, real_dtype)
-        freqs[idx.to(device)] = f
+        freqs[idx_dev] = f
         if group_velocity:
-            vg[idx.to(device)] = v
+            vg[idx_dev] = v
 
     freqs = freqs[:, :K]
     if squeeze:

@@ -28,13 +28,21 @@ being good (tests force a poor basis and check every accepted point against the 
 default labels (20×20 grid, 81 plane waves, 10 TM bands, 16 blob / 16 level-set cells): DOS targets within
 1.6e-5 / 2.3e-5 relative L1 of the direct solver's, band frequencies within 2.3e-4 (median 3e-7), at 1.9–2.8× less
 cost on CPU (README, "Photonic-crystal data").
+
+Batching. :func:`solve_reduced` runs the structures of a call together (sub-batches within ``memory_budget``):
+every step above is one op over (structure, patch, slot), so a GPU sees a few dozen large ops per sub-batch instead
+of ~1,000 small ones per structure, and the only explicit host read is the mask of the points to re-solve. The
+per-structure loop it replaced is kept (``batched=False``) as its reference: the two agree to rounding
+(~1e-14 on complex128 forms), and the batched results of a structure do not depend on its batch, bit for bit on CPU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from essl.photonics.lapack import lapack_lowest
+from essl.photonics.lapack import cholesky, lapack_lowest
 
 DEFAULT_PATCHES = 4
 """Patches per direction of the zone [-½, ½]²: 0.25 × 0.25 patches, 25 points each of a 20×20 grid."""
@@ -45,6 +53,10 @@ DEFAULT_BASIS_SIZE = 28
 DEFAULT_RESIDUAL_TOL = 1e-2
 """Relative error estimate (of the eigenvalue θ = f²) above which a k-point is re-solved with the full matrix. The
 estimate is pessimistic: accepted points were measured at least 20× more accurate than it allows."""
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Bytes of working memory per sub-batch of structures in the batched path (the same default as the direct
+solver's, :data:`essl.photonics.pwe.DEFAULT_MEMORY_BUDGET`; ~20 MB per structure on the default labels)."""
 
 _ZERO_FREQUENCY = 1e-6
 _SCALE_FLOOR = 1e-4
@@ -59,14 +71,14 @@ def quadratic_form(eps_matrix: torch.Tensor, gvecs: torch.Tensor, polarization: 
     gx, gy = g[:, 0], g[:, 1]
     if polarization == "tm":
         eye = torch.eye(eps_matrix.shape[-1], dtype=eps_matrix.dtype, device=eps_matrix.device)
-        c = torch.linalg.solve_triangular(torch.linalg.cholesky(eps_matrix), eye, upper=False)  # C = L⁻¹
+        c = torch.linalg.solve_triangular(cholesky(eps_matrix), eye, upper=False)  # C = L⁻¹
         ch = c.mH
         q0 = c @ ch
         qx = 2 * (c * gx) @ ch
         qy = 2 * (c * gy) @ ch
         q2 = (c * (gx**2 + gy**2)) @ ch
     else:
-        a = torch.cholesky_inverse(torch.linalg.cholesky(eps_matrix))  # [ε]⁻¹
+        a = torch.cholesky_inverse(cholesky(eps_matrix))  # [ε]⁻¹
         q0 = a
         qx = gx[:, None] * a + a * gx
         qy = gy[:, None] * a + a * gy
@@ -193,6 +205,8 @@ def solve_reduced(
     residual_tol: float = DEFAULT_RESIDUAL_TOL,
     seed_dtype: torch.dtype | None = None,
     eigensolver: str = "torch",
+    batched: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Lowest ``n_bands`` frequencies f = √θ (and group velocities) at ``kpoints`` (K, 2) for every structure of the
     quadratic forms ``q`` (B, 4, P, P) (:func:`quadratic_form`, float64 / complex128), by Rayleigh–Ritz on patches
@@ -202,12 +216,243 @@ def solve_reduced(
         seed_dtype: dtype of the seed eigenproblems (default: that of ``q``; complex64 / float32 is enough, the
             basis only has to span the right space).
         eigensolver: "lapack" (CPU subset solver of :mod:`pwe`) or "torch" for the seed problems.
+        batched: solve the structures together, in sub-batches of at most ``memory_budget`` bytes of working
+            memory (DEFAULT): every step is one batched op over (structure, patch, k-point) and the only explicit
+            host read of a sub-batch is the mask of k-points to re-solve (with the largest accepted error estimate).
+            ``False``: the per-structure path (:func:`_solve_per_structure`), the reference it agrees with to
+            rounding (tests/photonics/test_reduced.py).
+        memory_budget: bytes of working memory per sub-batch of structures (``batched`` only).
+
+    Pass ``kpoints`` on the CPU: the patch layout is computed on the host (k-points on a device cost one read).
 
     Returns:
         freqs (B, K, n_bands) and vgroup (B, K, n_bands, 2) (None without ``group_velocity``) in the real dtype of
         ``q``, and info {"fallback": number of (structure, k-point) pairs re-solved with the full matrix,
         "solved": B·K, "max_error": largest relative error estimate accepted}.
     """
+    if not batched:
+        return _solve_per_structure(
+            q,
+            kpoints,
+            n_bands,
+            group_velocity,
+            patches=patches,
+            seed_bands=seed_bands,
+            basis_size=basis_size,
+            residual_tol=residual_tol,
+            seed_dtype=seed_dtype,
+            eigensolver=eigensolver,
+        )
+    b_count, _, p, _ = q.shape
+    seed_bands = min(max(seed_bands, n_bands + 2), p)
+    k_host = kpoints.detach().cpu().to(torch.float64)
+    patch_of_k, seeds_of_patch, seed_k = _patch_layout(k_host, patches)  # host-side bookkeeping, no device reads
+    n_used = seeds_of_patch.shape[0]
+    r = min(basis_size, p, seeds_of_patch.shape[1] * seed_bands)
+    if r < n_bands + 2:
+        raise ValueError(f"basis_size={basis_size}: must be at least n_bands + 2 = {n_bands + 2}")
+    slots, valid = _padded_layout(patch_of_k, n_used)  # (n_used, m)
+    device, real = q.device, q.real.dtype
+    layout = _Layout(
+        k=k_host.to(device=device, dtype=real),
+        seed_k=seed_k.to(device=device, dtype=real),
+        seeds_of_patch=seeds_of_patch.to(device),
+        slots=slots.to(device),
+        valid=valid.reshape(-1).nonzero()[:, 0].to(device),
+        target=slots[valid].to(device),
+    )
+    n_k = len(k_host)
+    freqs = torch.empty(b_count, n_k, n_bands, dtype=real, device=device)
+    vg = torch.empty(b_count, n_k, n_bands, 2, dtype=real, device=device) if group_velocity else None
+    info = {"fallback": 0, "solved": b_count * n_k, "max_error": 0.0}
+    per_structure = _bytes_per_structure(q, len(seed_k), n_used, slots.shape[1], seed_bands, r)
+    step = max(1, memory_budget // per_structure)
+    for s0 in range(0, b_count, step):
+        s1 = min(s0 + step, b_count)
+        f, v, fallback, max_error = _solve_batch(
+            q[s0:s1],
+            layout,
+            n_bands,
+            group_velocity,
+            seed_bands=seed_bands,
+            r=r,
+            residual_tol=residual_tol,
+            seed_dtype=seed_dtype,
+            eigensolver=eigensolver,
+            memory_budget=memory_budget,
+        )
+        freqs[s0:s1] = f
+        if group_velocity:
+            vg[s0:s1] = v
+        info["fallback"] += fallback
+        info["max_error"] = max(info["max_error"], max_error)
+    return freqs, vg, info
+
+
+_BATCH_WORKSPACE_FACTOR = 2
+"""Bytes of a sub-batch per byte of its largest live tensors (:func:`_bytes_per_structure`): temporaries, casts,
+eigensolver workspace."""
+_FALLBACK_WORKSPACE_FACTOR = 6
+"""Bytes per byte of a re-solved k-point's matrix: its form Q (4 matrices), M(k), eigenvectors, workspace."""
+
+
+@dataclass
+class _Layout:
+    """The device-side layout of the k-points of one :func:`solve_reduced` call (shared by every structure)."""
+
+    k: torch.Tensor  # (K, 2) k-points
+    seed_k: torch.Tensor  # (S, 2) seed k-points (the corners of the used patches)
+    seeds_of_patch: torch.Tensor  # (n_used, 4) indices into seed_k
+    slots: torch.Tensor  # (n_used, m) k-point of every slot of every patch (repeats pad the short patches)
+    valid: torch.Tensor  # (K,) flat indices (into n_used·m) of the slots that are not repeats (integer indices:
+    # a boolean mask on a GPU would cost a blocking read per use)
+    target: torch.Tensor  # (K,) the k-point of every valid slot, each k-point once
+
+
+def _bytes_per_structure(q: torch.Tensor, n_seeds: int, n_used: int, m: int, seed_bands: int, r: int) -> int:
+    """Estimated working memory of one structure in :func:`_solve_batch`: its seed matrices and their
+    eigenvectors, the patch bases and Q_j V products, the residual Grams and the Ritz problems of every slot."""
+    p, item = q.shape[-1], q.element_size()
+    low = item // 2  # single precision (Ritz vectors, residual Grams)
+    elems = (
+        n_seeds * p * (p + seed_bands) * 2  # seed matrices (and their cast), eigenvectors
+        + n_used * p * 4 * seed_bands * 2  # seed vectors per patch, rotated basis
+        + n_used * 4 * p * r * 3  # Q_j V, V (Vᴴ Q_j V), the projected residual directions
+        + n_used * 16 * r * r  # residual Grams
+        + n_used * m * r * r * 4  # Ritz matrices h, h·c, their casts, the residual weights w
+    )
+    return max(1, elems * item * _BATCH_WORKSPACE_FACTOR + n_used * m * r * r * low)
+
+
+def _solve_batch(
+    q: torch.Tensor,
+    lay: _Layout,
+    n_bands: int,
+    group_velocity: bool,
+    *,
+    seed_bands: int,
+    r: int,
+    residual_tol: float,
+    seed_dtype: torch.dtype | None,
+    eigensolver: str,
+    memory_budget: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, float]:
+    """The reduced-basis solve of a batch of structures q (b, 4, P, P): the steps of :func:`_solve_per_structure`
+    with a leading structure dimension. Every structure's numbers go through the same ops with the same shapes
+    whatever else is in the batch (on CPU the results are batch-independent bit for bit; tests check it).
+
+    Returns freqs (b, K, nb), vgroup (b, K, nb, 2) or None, the number of re-solved (structure, k-point) pairs and
+    the largest accepted error estimate."""
+    b, _, p, _ = q.shape
+    device, real, dt = q.device, q.real.dtype, q.dtype
+    low = torch.complex64 if q.is_complex() else torch.float32  # Ritz eigenvectors and residual Grams
+    sdtype = dt if seed_dtype is None else seed_dtype
+    n_used, n_k = lay.slots.shape[0], lay.k.shape[0]
+    a_k = _coefficients(lay.k)  # (K, 4)
+    a_seed = _coefficients(lay.seed_k)  # (S, 4)
+    k_p, a_p = lay.k[lay.slots], a_k[lay.slots]  # (n_used, m, 2), (n_used, m, 4)
+    aa_p = (a_p[..., :, None] * a_p[..., None, :]).reshape(n_used, -1, 16).to(low)
+    a_p = a_p.to(dt)
+    # basis of every patch: the r most significant directions of its seeds' lowest eigenvectors
+    seeds = (a_seed.to(dt) @ q.reshape(b, 4, p * p)).reshape(-1, p, p)  # (b·S, P, P)
+    _, y = _lowest(seeds.to(sdtype), seed_bands, eigensolver)  # (b·S, P, ns)
+    y = y.to(dt).reshape(b, -1, p, seed_bands)[:, lay.seeds_of_patch]  # (b, n_used, 4, P, ns)
+    y = y.transpose(2, 3).reshape(b, n_used, p, -1)  # (b, n_used, P, 4·ns)
+    _, u = torch.linalg.eigh((y.mH @ y).to(low))  # ascending
+    v, _ = torch.linalg.qr(y @ u[..., -r:].to(dt))  # (b, n_used, P, r)
+    qv = q[:, None] @ v[:, :, None]  # (b, n_used, 4, P, r) = Q_j V
+    red = v[:, :, None].mH @ qv  # (b, n_used, 4, r, r) = Vᴴ Q_j V
+    z = (qv - v[:, :, None] @ red).to(low).transpose(2, 3).reshape(b, n_used, p, 4 * r)  # [(I − V Vᴴ) Q_j V]
+    del qv
+    gperp = (z.mH @ z).reshape(b, n_used, 4, r, 4, r).transpose(3, 4).reshape(b, n_used, 16, r * r)
+    del z
+    red = (red + red.mH) / 2
+    # Ritz problems at every k-point: single-precision eigenvectors, Rayleigh quotients in double precision
+    h = (a_p @ red.reshape(b, n_used, 4, r * r)).reshape(b, n_used, -1, r, r)  # (b, n_used, m, r, r)
+    _, c = torch.linalg.eigh(h.to(low))
+    c = c[..., : n_bands + 2]
+    cd = c.to(dt)
+    theta = (cd.conj() * (h @ cd)).real.sum(-2) / (cd.conj() * cd).real.sum(-2)  # (b, n_used, m, nb+2)
+    del h
+    theta, order = theta.sort(dim=-1)
+    c = c.gather(-1, order[..., None, :].expand_as(c))
+    # residual norms: r = (I − VVᴴ) M(k) V c, ‖r‖² = Σ_ij a_i a_j cᴴ Z_iᴴ Z_j c (no cancellation)
+    w = (aa_p @ gperp).reshape(b, n_used, -1, r, r)
+    res = ((c.conj() * (w @ c)).real.sum(-2) / (c.conj() * c).real.sum(-2)).clamp_min(0).sqrt().to(real)
+    del w, gperp
+    err = _error_estimate(theta, res)[..., :n_bands]
+    theta = theta[..., :n_bands]
+    scale = torch.maximum(theta, _SCALE_FLOOR * theta.amax(-1, keepdim=True)).clamp_min(torch.finfo(real).tiny)
+    th = torch.empty(b, n_k, n_bands, dtype=real, device=device)
+    th[:, lay.target] = theta.flatten(1, 2)[:, lay.valid]
+    rel = torch.empty(b, n_k, n_bands, dtype=real, device=device)
+    rel[:, lay.target] = (err / scale).flatten(1, 2)[:, lay.valid]
+    dth = None
+    if group_velocity:
+        dth = torch.empty(b, n_k, 2, n_bands, dtype=real, device=device)
+        c_sorted = cd.gather(-1, order[..., None, :].expand_as(cd))[..., :n_bands]
+        dth[:, lay.target] = _derivatives(red, c_sorted, k_p).flatten(1, 2)[:, lay.valid]
+    bad = ~(rel <= residual_tol).all(-1)  # (b, K); a NaN estimate counts as bad
+    accepted = torch.where(bad[..., None], torch.zeros((), dtype=real, device=device), rel).amax()
+    # the one host read of the batch: which (structure, k-point) pairs to re-solve, and the largest accepted error
+    host = torch.cat([bad.reshape(-1).to(real), accepted.reshape(1)]).cpu()
+    max_error = float(host[-1])
+    s_bad, k_bad = host[:-1].reshape(b, n_k).nonzero(as_tuple=True)
+    if len(s_bad):
+        _resolve(q, a_k, lay.k, s_bad, k_bad, n_bands, th, dth, memory_budget)
+    f = th.clamp_min(0).sqrt()
+    if not group_velocity:
+        return f, None, len(s_bad), max_error
+    safe = f > _ZERO_FREQUENCY
+    v_k = torch.where(safe[..., None, :], dth / (2 * f.clamp_min(_ZERO_FREQUENCY))[..., None, :], 0)
+    return f, v_k.transpose(-1, -2), len(s_bad), max_error  # (b, K, nb, 2)
+
+
+def _resolve(
+    q: torch.Tensor,
+    a_k: torch.Tensor,
+    k: torch.Tensor,
+    s_bad: torch.Tensor,
+    k_bad: torch.Tensor,
+    n_bands: int,
+    th: torch.Tensor,
+    dth: torch.Tensor | None,
+    memory_budget: int,
+) -> None:
+    """Re-solve the (structure, k-point) pairs (host index tensors ``s_bad``, ``k_bad``) with the full matrix, in
+    place in ``th`` (b, K, nb) and ``dth`` (b, K, 2, nb), in groups that fit ``memory_budget``. M(k) is assembled
+    with elementwise ops (the same rounding for a pair whatever else is re-solved with it)."""
+    p = q.shape[-1]
+    per_pair = 4 * p * p * q.element_size() * _FALLBACK_WORKSPACE_FACTOR
+    step = max(1, memory_budget // per_pair)
+    for i0 in range(0, len(s_bad), step):
+        si, ki = s_bad[i0 : i0 + step].to(q.device), k_bad[i0 : i0 + step].to(q.device)
+        qs, a = q[si], a_k[ki].to(q.dtype)  # (n, 4, P, P), (n, 4)
+        mats = a[:, 0, None, None] * qs[:, 0]
+        for j in range(1, 4):
+            mats = mats + a[:, j, None, None] * qs[:, j]
+        lam, vec = torch.linalg.eigh(mats)  # (n, P), (n, P, P)
+        th[si, ki] = lam[:, :n_bands]
+        if dth is not None:
+            dth[si, ki] = _derivatives(qs, vec[:, None, :, :n_bands], k[ki][:, None])[:, 0]
+
+
+def _solve_per_structure(
+    q: torch.Tensor,
+    kpoints: torch.Tensor,
+    n_bands: int,
+    group_velocity: bool = True,
+    *,
+    patches: int = DEFAULT_PATCHES,
+    seed_bands: int = DEFAULT_SEED_BANDS,
+    basis_size: int = DEFAULT_BASIS_SIZE,
+    residual_tol: float = DEFAULT_RESIDUAL_TOL,
+    seed_dtype: torch.dtype | None = None,
+    eigensolver: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The per-structure path of :func:`solve_reduced` (essl 0.2's implementation, unchanged): one structure at a
+    time, ~1,000 small ops and ~8 host reads each. Kept as the reference the batched path is tested and benchmarked
+    against (``batched=False``)."""
     b_count, _, p, _ = q.shape
     seed_bands = min(max(seed_bands, n_bands + 2), p)
     patch_of_k, seeds_of_patch, seed_k = _patch_layout(kpoints, patches)

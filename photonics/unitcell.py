@@ -349,3 +349,30 @@ def generator_options(kind: str) -> dict[str, object]:
     params = inspect.signature(GENERATORS[kind]).parameters.values()
     fixed = {"n", "seed", "start", "size"}
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
+
+
+def parse_cell_options(items: list[str] | None, what: str = "--option") -> dict[str, object]:
+    """Command-line generator options ``KEY=VALUE`` -> {key: value}: integers and decimals become numbers,
+    ``none`` becomes None (a random value where the generator allows it, e.g. ``eps_out=none``), anything else
+    stays a string (``symmetry=p4m``). The generator checks names and values (:func:`generate_cells`)."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"{what} {item!r}: expected KEY=VALUE, e.g. {what} symmetry=p4m")
+        if key in out:
+            raise UserError(f"{what} {key}: given twice")
+        text = text.strip()
+        value: object = text
+        if text.lower() == "none":
+            value = None
+        else:
+            for convert in (int, float):
+                try:
+                    value = convert(text)
+                    break
+                except ValueError:
+                    continue
+        out[key] = value
+    return out

@@ -97,3 +97,68 @@ def test_labels_from_the_reduced_solver(blobs):
         dos.label_settings(band_solver="ritz")
     with pytest.raises(ValueError, match="solver"):
         pwe.solve_bands(blobs, torch.zeros(1, 2), solver="ritz")
+
+
+# ---- the batched path (structures solved together) against the per-structure path ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed() -> torch.Tensor:
+    """Blobs (p1), pm and p4m level sets and a rod: complex and real (inversion-centre) problems, 1-8 symmetries."""
+    parts = [
+        unitcell.generate_cells("blob", 2, seed=21),
+        unitcell.generate_cells("levelset", 2, seed=21),
+        unitcell.generate_cells("levelset", 1, seed=21, symmetry="p4m"),
+        unitcell.generate_cells("cylinder", 1, seed=21),
+    ]
+    return torch.cat([torch.from_numpy(p) for p in parts])
+
+
+@pytest.mark.parametrize("pol", ["tm", "te"])
+@pytest.mark.parametrize("eigensolver", ["lapack", "torch"])  # torch: the GPU's path
+def test_batched_reduced_solver_equals_the_per_structure_path(mixed, pol, eigensolver):
+    g = pwe.plane_waves(5)
+    q = reduced.quadratic_form(pwe.epsilon_matrix(mixed, g), g, pol)  # every kind through the reduced basis
+    k, _ = pwe.kgrid(20)
+    kw = dict(seed_dtype=torch.complex64, eigensolver=eigensolver)
+    f0, v0, info0 = reduced.solve_reduced(q, k, 10, batched=False, **kw)
+    f1, v1, info1 = reduced.solve_reduced(q, k, 10, **kw)
+    # the same k-points re-solved, and the same numbers to rounding (complex128 forms: ~1e-14 measured)
+    assert info1["fallback"] == info0["fallback"] and info1["solved"] == info0["solved"]
+    torch.testing.assert_close(f1, f0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v1, v0, rtol=1e-8, atol=1e-10)
+    assert info1["max_error"] == pytest.approx(info0["max_error"], rel=1e-6)
+    # a structure's result does not depend on the rest of its batch or on the sub-batch size, bit for bit on CPU
+    one = reduced.solve_reduced(q, k, 10, memory_budget=1, **kw)  # sub-batches of one structure
+    part = reduced.solve_reduced(q[[4, 0, 3]], k, 10, **kw)
+    assert torch.equal(one[0], f1) and torch.equal(one[1], v1)
+    assert torch.equal(part[0], f1[[4, 0, 3]]) and torch.equal(part[1], v1[[4, 0, 3]])
+
+
+def test_batched_re_solves_the_same_points_with_a_poor_basis(blobs):
+    """The fallback (full-matrix re-solves) batched over structures: a basis so poor that many points fail."""
+    g = pwe.plane_waves(5)
+    q = reduced.quadratic_form(pwe.epsilon_matrix(blobs, g), g, "tm")
+    k, _ = pwe.kgrid(8)
+    poor = dict(patches=2, seed_bands=12, basis_size=28)
+    f0, v0, info0 = reduced.solve_reduced(q, k, 10, batched=False, **poor)
+    f1, v1, info1 = reduced.solve_reduced(q, k, 10, memory_budget=2**20, **poor)  # small fallback groups
+    assert 0 < info1["fallback"] == info0["fallback"] < info1["solved"]
+    torch.testing.assert_close(f1, f0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(v1, v0, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("pol", ["tm", "te"])
+@pytest.mark.parametrize("band_solver", ["auto", "reduced"])
+def test_batched_labels_equal_the_per_structure_labels(mixed, pol, band_solver):
+    """compute_labels, batched (the reduced basis and the GGR DOS over the structures of a group) against the
+    per-structure path, on blobs, pm and p4m level sets and a rod (the float32 labels agree to rounding; measured
+    bit for bit)."""
+    kw = dict(polarization=pol, band_solver=band_solver)
+    ref = dos.compute_labels(mixed, batched=False, **kw)
+    out = dos.compute_labels(mixed, **kw)
+    for key in ("bands", "dos", "target", "eps_avg"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-6, atol=1e-6)
+    assert float(dos.relative_l1(out["target"], ref["target"])) < 1e-6
+    part = dos.compute_labels(mixed[[5, 1]], **kw)  # batch-independent, bit for bit
+    assert all(torch.equal(part[key], out[key][[5, 1]]) for key in out)
