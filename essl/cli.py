@@ -24,10 +24,58 @@ EXIT_FAILURE = 1
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with exit code 2 and a one-line message (its default, kept explicit)."""
+    """argparse with exit code 2 and a one-line message (its default, kept explicit). ``lazy_epilog``: a function
+    giving the epilog, called only when the help is shown (it may import what parsing does not need)."""
+
+    lazy_epilog = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        if self.lazy_epilog is not None:
+            self.epilog = self.lazy_epilog()
+        return super().format_help()
+
+
+HELP_WIDTH = 100  # characters per line of the generated help lists
+
+
+def _pretrain_epilog() -> str:
+    """The config keys with their defaults (from essl.config's schema), the logger choices and the resume rule."""
+    import textwrap
+
+    from omegaconf import OmegaConf
+
+    from essl.config import Config
+    from essl.pretrain import resumable_keys_text
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    sections: dict[str, list[str]] = {}
+    for key, value in flat(defaults):
+        shown = ("null" if value is None else str(value).lower() if isinstance(value, bool) else
+                 "''" if value == "" else value)
+        if key == "output_dir" and value is None:
+            shown = "runs/<name>"
+        sections.setdefault(key.split(".")[0] if "." in key else "", []).append(f"{key}={shown}")
+    lines = ["config keys and their defaults (a YAML file holds what differs; key=value overrides either):"]
+    for items in sections.values():
+        lines += textwrap.wrap("  ".join(items), HELP_WIDTH, initial_indent="  ", subsequent_indent="    ",
+                               break_long_words=False, break_on_hyphens=False)
+    lines += ["", "trainer.logger: csv (metrics.csv), tensorboard (tensorboard/ event files) or both.",
+              "resume=true continues output_dir from last.ckpt; it refuses other settings, except (may change on "
+              "resume):"]
+    lines += textwrap.wrap(resumable_keys_text(), HELP_WIDTH, initial_indent="  ", subsequent_indent="  ")
+    lines += ["Writes output_dir (default runs/<name>): config.yaml, metrics.csv, last.ckpt, encoder.pt; "
+              "essl show shows it."]
+    return "\n".join(lines)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -35,8 +83,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from essl.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    encoder = pretrain(cfg)
-    print(f"essl: encoder written to {encoder}")
+    pretrain(cfg)  # prints the end-of-run summary line (epochs, time, final losses, the encoder's path)
     return 0
 
 
@@ -65,6 +112,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_phc_generate(args: argparse.Namespace) -> int:
     from essl.photonics.dataset import generate
+    from essl.photonics.unitcell import parse_cell_options
 
     kwargs = {} if args.kgrid is None else {"kgrid": args.kgrid}
     out = generate(
@@ -75,9 +123,41 @@ def _cmd_phc_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        chunk=args.chunk,
+        shard=args.shard,
+        cell_options=parse_cell_options(args.option, "phc generate: --option"),
         **kwargs,
     )
     print(f"essl: wrote {out}")
+    return 0
+
+
+def _cmd_phc_merge(args: argparse.Namespace) -> int:
+    from essl.photonics.dataset import merge
+
+    out = merge(args.out, args.shards, progress=not args.no_progress)
+    print(f"essl: wrote {out}")
+    return 0
+
+
+def _cmd_phc_bands(args: argparse.Namespace) -> int:
+    from essl.photonics.bands import run_bands, summary
+    from essl.photonics.unitcell import parse_cell_options
+
+    result = run_bands(
+        args.file,
+        args.index,
+        kind=args.kind,
+        seed=args.seed,
+        options=parse_cell_options(args.option, "phc bands: --option"),
+        out=args.out,
+        n_bands=args.n_bands,
+        polarization=args.polarization,
+        cutoff=args.cutoff,
+        points=args.points,
+    )
+    print(summary(result))
+    print(f"essl: figure written to {result['out']}")
     return 0
 
 
@@ -173,6 +253,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from essl.show import show
+
+    print(show(args.run_dir, plot=args.plot))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from essl.eval.bench import format_bench, run_bench
 
@@ -189,16 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    pre = sub.add_parser("pretrain", help="self-supervised pretraining from a YAML config")
-    pre.add_argument("config", help="YAML config, e.g. configs/digits/e-simclr.yaml")
-    pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=5")
+    pre = sub.add_parser("pretrain", help="self-supervised pretraining from a YAML config",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre.lazy_epilog = _pretrain_epilog
+    pre.add_argument("config", help="YAML config, e.g. configs/digits/e-simclr.yaml (essl list configs)")
+    pre.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="config overrides, e.g. trainer.max_epochs=5 (keys and defaults below)")
     pre.set_defaults(func=_cmd_pretrain)
+
+    sh = sub.add_parser("show", help="a pretraining run: its state, resolved config, last metrics, curves")
+    sh.add_argument("run_dir", metavar="RUN_DIR", help="a pretraining output_dir, e.g. runs/digits-e-simclr")
+    sh.add_argument("--plot", default=None, metavar="PNG",
+                    help="also write the training curves (loss, equivariance loss and accuracy, learning rate) to "
+                         "this image (.png, .pdf, .svg, ...; default: no figure)")
+    sh.set_defaults(func=_cmd_show)
 
     pr = sub.add_parser("probe", help="linear probe + kNN of a frozen encoder, with baselines")
     pr.add_argument("encoder", help="encoder.pt written by `essl pretrain`")
     pr.add_argument("--data", default=None, help="dataset name or path (default: the encoder's training data)")
     pr.add_argument("--seeds", type=int, default=5, help="number of probe seeds (default 5)")
-    pr.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    pr.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON (default: not written)")
     pr.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     pr.add_argument("--batch-size", type=int, default=256,
                     help="images per forward pass when extracting features (default 256)")
@@ -215,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--equivariance", nargs="?", const="rot4", default=None, metavar="GROUPS",
                     help="also diagnose these transformation groups (comma-separated, default rot4; `essl list "
                          "groups`): invariance of the features and predictability of the transformation")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pr.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (default: bars for feature extraction and each probe fit)")
     pr.set_defaults(func=_cmd_probe)
 
     sw = sub.add_parser("sweep", help="the paper's Figure 2: each transformation as an invariance vs predicted")
@@ -233,20 +331,54 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="output folder (default runs/sweep-<config name>)")
     sw.set_defaults(func=_cmd_sweep)
 
-    phc = sub.add_parser("phc", help="photonic crystals: generate data, DOS regression")
+    phc = sub.add_parser("phc", help="photonic crystals: generate and merge data, band diagrams, DOS regression")
     phc_sub = phc.add_subparsers(dest="phc_command", required=True, parser_class=_Parser)
     gen = phc_sub.add_parser("generate", help="generate unit cells (and DOS labels) into an HDF5 file")
     from essl.photonics.unitcell import KINDS
 
     gen.add_argument("--kind", required=True, choices=KINDS, help=f"unit-cell generator: {', '.join(KINDS)}")
-    gen.add_argument("--n", type=int, required=True, help="number of unit cells")
-    gen.add_argument("--out", required=True, help="output HDF5 file")
+    gen.add_argument("--n", type=int, required=True, help="number of unit cells of the data set (at least 1)")
+    gen.add_argument("--out", required=True, help="output HDF5 file (work in progress: OUT.partial, resumable)")
     gen.add_argument("--labels", action="store_true", help="solve bands and compute DOS labels")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--kgrid", type=int, default=None, help="k-points per side of the Brillouin-zone grid")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda")
+    gen.add_argument("--seed", type=int, default=0, help="data set seed; structure i depends only on it and i "
+                                                         "(default 0)")
+    gen.add_argument("--kgrid", type=int, default=None,
+                     help="k-points per side of the Brillouin-zone grid of the DOS (default 20, at least 2)")
+    gen.add_argument("--device", default="cpu",
+                     help="device of the band solver with --labels: cpu (default), cuda or cuda:N")
+    gen.add_argument("--chunk", type=int, default=None,
+                     help="structures per committed chunk (default 32 with --labels, 256 with --labels on cuda, "
+                          "4096 without)")
+    gen.add_argument("--shard", default=None, metavar="I/N",
+                     help="write only shard I of N (0 <= I < N, whole chunks) of the data set into --out; join "
+                          "the N shard files with `essl phc merge`")
+    gen.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                     help="generator option, repeatable, e.g. symmetry=p4m (levelset), radius=0.2 eps_in=8.9 "
+                          "(cylinder)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_phc_generate)
+    mrg = phc_sub.add_parser("merge", help="join the shard files of `phc generate --shard I/N` into one data set")
+    mrg.add_argument("out", help="output HDF5 file (the whole data set)")
+    mrg.add_argument("shards", nargs="+", help="the N shard files, in any order")
+    mrg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mrg.set_defaults(func=_cmd_phc_merge)
+    bnd = phc_sub.add_parser("bands", help="band diagram (Γ–X–M–Γ) and DOS of one cell as a figure")
+    bnd.add_argument("file", nargs="?", default=None, help="a data set (HDF5); or give --kind for a generated cell")
+    bnd.add_argument("--index", type=int, default=0, help="structure index in the file or generator (default 0)")
+    bnd.add_argument("--kind", default=None, choices=KINDS, help="draw a generated cell instead of a file's")
+    bnd.add_argument("--seed", type=int, default=0, help="generator seed with --kind (default 0)")
+    bnd.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                     help="generator option with --kind, repeatable (as in `phc generate`)")
+    bnd.add_argument("--out", default=None, metavar="PNG",
+                     help="figure file; the format follows the suffix (default <file stem>-<index>-bands.png or "
+                          "<kind>[-<options>]-seed<S>-<index>-bands.png in the current folder)")
+    bnd.add_argument("--n-bands", type=int, default=None, help="bands to draw (default: the file's labels, 10)")
+    bnd.add_argument("--polarization", default=None, choices=("tm", "te"),
+                     help="default: the file's labels (tm)")
+    bnd.add_argument("--cutoff", type=int, default=None,
+                     help="plane-wave cutoff |G| <= m (default: the file's labels, 5)")
+    bnd.add_argument("--points", type=int, default=None, help="k-points per segment of the path (default 24)")
+    bnd.set_defaults(func=_cmd_phc_bands)
     reg = phc_sub.add_parser("regress", help="DOS regression from a frozen or fine-tuned encoder vs from scratch")
     reg.add_argument("encoder", help="encoder.pt from `essl pretrain` on photonic data, or `none` (scratch only)")
     reg.add_argument("--train", required=True, help="labelled HDF5 file to take the training labels from")
@@ -283,10 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
 
     bench = sub.add_parser("bench", help="speed benchmarks, measured side by side in one run")
-    bench.add_argument("which", nargs="?", default="all", choices=("pipeline", "train", "solver", "all"))
+    bench.add_argument("which", nargs="?", default="all",
+                       choices=("pipeline", "train", "solver", "loader", "hostsync", "all"),
+                       help="which benchmark (default all)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    bench.add_argument("--json", default=None, metavar="PATH")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
+    bench.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON (default: not written)")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny sizes (seconds), for smoke tests (default: full sizes)")
     bench.set_defaults(func=_cmd_bench)
     return p
 

@@ -12,6 +12,8 @@ rotation view RandomResizedCrop(16, scale 0.2–1) with the same colour augmenta
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ class DataConfig:
     image_size: int = 32
     batch_size: int = 256  # per device
     num_workers: int = 0
+    global_batch_size: int | None = None  # fixes the global batch: per device = this / world size (batch_size unused)
 
 
 @dataclass
@@ -121,13 +124,15 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = True  # SyncBatchNorm when DDP runs on more than one GPU (false: per-GPU statistics)
+    float32_matmul_precision: str = "high"  # on GPUs: torch.set_float32_matmul_precision (TF32); highest = off
     log_every_n_steps: int = 10
     limit_train_batches: Any = 1.0  # a float is a fraction of the epoch, an int a number of batches
     checkpoint_every_n_steps: int = 0  # 0: a checkpoint at every epoch end only
     deterministic: bool = False
     channels_last: bool = True  # NHWC memory format for the backbone (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile the backbone's forward in place (opt-in: minutes of compiling first)
+    logger: str = "csv"  # csv (metrics.csv) | tensorboard (tensorboard/ event files) | both
 
 
 @dataclass
@@ -135,6 +140,7 @@ class EvalConfig:
     knn_monitor: bool = False  # kNN accuracy on the test split after every epoch (val/knn_acc)
     knn_k: int = 200
     knn_temperature: float = 0.1
+    knn_every_n_epochs: int = 1  # the kNN monitor's interval
 
 
 @dataclass
@@ -160,10 +166,23 @@ CHOICES = {
     "equivariance.view": ("crop", "raw"),
     "equivariance.norm": ("layernorm", "batchnorm"),
     "optim.name": ("sgd", "lars", "adamw"),
+    "trainer.float32_matmul_precision": ("highest", "high", "medium"),
+    "trainer.logger": ("csv", "tensorboard", "both"),
+    "trainer.accelerator": ("auto", "cpu", "cuda", "gpu", "mps", "tpu"),
+    # Lightning's precision values (lightning.fabric.connector); "16"/"bf16" are its short forms of the mixed ones
+    "trainer.precision": ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true",
+                          "64", "transformer-engine", "transformer-engine-float16"),
 }
 #: Keys that moved into ``method.kwargs`` (a config naming the old key gets a hint).
 MOVED_METHOD_KEYS = ("hidden_dim", "output_dim", "temperature", "momentum_base")
-POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid")
+POSITIVE = ("data.image_size", "data.batch_size", "trainer.max_epochs", "equivariance.crop_size", "equivariance.grid",
+            "equivariance.hidden_dim", "optim.lr", "trainer.num_nodes", "trainer.log_every_n_steps", "eval.knn_k",
+            "eval.knn_temperature")
+NON_NEGATIVE = ("data.num_workers", "trainer.checkpoint_every_n_steps", "optim.weight_decay", "optim.warmup_epochs",
+                "optim.bias_lr_ratio")
+UNIT_INTERVAL = ("optim.final_lr_ratio",)  # [0, 1]
+MAX_SEED = 2**32 - 1  # seed_everything's range (numpy's)
+MAX_HUE = 0.5  # ColorJitter's hue range is [-0.5, 0.5]
 PROBABILITIES = ("augment.hflip_prob", "augment.jitter_prob", "augment.grayscale_prob", "augment.blur_prob",
                  "augment.solarize_prob", "equivariance.hflip_prob", "equivariance.grayscale_prob",
                  "equivariance.blur_prob", "equivariance.solarize_prob")
@@ -208,6 +227,25 @@ def _validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be positive, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise UserError(f"config key {key!r}: must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= OmegaConf.select(cfg, key) <= 1:
+            raise UserError(f"config key {key!r}: must lie in [0, 1], got {OmegaConf.select(cfg, key)}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise UserError(f"config key 'optim.momentum': must lie in [0, 1), got {cfg.optim.momentum}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"config key 'seed': must lie in [0, {MAX_SEED}], got {cfg.seed}")
+    if cfg.equivariance.bottleneck_dim is not None and cfg.equivariance.bottleneck_dim <= 0:
+        raise UserError(f"config key 'equivariance.bottleneck_dim': must be positive or null, got "
+                        f"{cfg.equivariance.bottleneck_dim}")
+    _validate_trainer(cfg)
+    if cfg.eval.knn_every_n_epochs <= 0:
+        raise UserError(f"config key 'eval.knn_every_n_epochs': must be positive, got {cfg.eval.knn_every_n_epochs}")
+    if cfg.data.global_batch_size is not None and cfg.data.global_batch_size <= 0:
+        raise UserError(f"config key 'data.global_batch_size': must be positive or null, got "
+                        f"{cfg.data.global_batch_size}")
     for key in PROBABILITIES:
         value = OmegaConf.select(cfg, key)
         values = list(value) if key in PER_VIEW and OmegaConf.is_list(value) else [value]
@@ -233,17 +271,57 @@ def _validate(cfg: DictConfig) -> None:
             raise UserError(f"config key {key!r}: {bad[0]!r} is not one of {', '.join(LATTICE_OPS)}")
     if len(cfg.augment.jitter) != 4:
         raise UserError("config key 'augment.jitter': expected 4 values (brightness, contrast, saturation, hue)")
+    if min(cfg.augment.jitter) < 0 or cfg.augment.jitter[3] > MAX_HUE:
+        raise UserError(f"config key 'augment.jitter': strengths must be >= 0 and the hue <= {MAX_HUE}, got "
+                        f"{list(cfg.augment.jitter)}")
     if cfg.augment.n_views != 2:
         raise UserError(f"config key 'augment.n_views': {cfg.method.name} uses 2 views, got {cfg.augment.n_views}")
     limit = cfg.trainer.limit_train_batches
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
         raise UserError(f"config key 'trainer.limit_train_batches': expected a positive int or float, got {limit!r}")
+    if isinstance(limit, float) and limit > 1:
+        raise UserError(f"config key 'trainer.limit_train_batches': a float is a fraction of the epoch (<= 1.0), got "
+                        f"{limit!r}; give an int for a number of batches")
     if cfg.equivariance.weight < 0:
         raise UserError("config key 'equivariance.weight': λ must be >= 0")
     from essl.methods import check_method_kwargs
 
     check_method_kwargs(cfg.method.name, OmegaConf.to_container(cfg.method.kwargs))
     _validate_views(cfg)
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
+    """Where the run goes: the accelerator must exist on this machine, ``devices`` must name devices it has, the
+    logger's package must be installed."""
+    import torch
+
+    t = cfg.trainer
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if t.accelerator in ("cuda", "gpu") and not gpus:
+        raise UserError(f"config key 'trainer.accelerator': {t.accelerator} requested but no CUDA GPU is available "
+                        "(use trainer.accelerator=cpu or auto)")
+    if t.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UserError("config key 'trainer.accelerator': mps requested but it is not available on this machine")
+    on_gpu = t.accelerator in ("cuda", "gpu") or (t.accelerator == "auto" and gpus > 0)
+    devices = str(t.devices).strip()
+    usage = "a positive number, -1 (all) or auto" + (", or a list of GPU ids such as 0,1" if on_gpu else "")
+    if devices in ("auto", "-1"):
+        pass
+    elif re.fullmatch(r"\d+", devices):
+        if int(devices) < 1:
+            raise UserError(f"config key 'trainer.devices': expected {usage}, got {t.devices!r}")
+        if on_gpu and int(devices) > gpus:
+            raise UserError(f"config key 'trainer.devices': {devices} GPUs requested, this machine has {gpus}")
+    elif on_gpu and re.fullmatch(r"\d+(,\d+)*,?", devices):
+        missing = [i for i in devices.rstrip(",").split(",") if int(i) >= gpus]
+        if missing:
+            raise UserError(f"config key 'trainer.devices': GPU {missing[0]} does not exist (this machine has {gpus})")
+    else:
+        raise UserError(f"config key 'trainer.devices': expected {usage}, got {t.devices!r}")
+    if t.logger in ("tensorboard", "both") and not any(importlib.util.find_spec(m) for m in ("tensorboard",
+                                                                                              "tensorboardX")):
+        raise UserError(f"config key 'trainer.logger': {t.logger} needs the tensorboard package (pip install "
+                        "tensorboard)")
 
 
 def _validate_views(cfg: DictConfig) -> None:
@@ -263,9 +341,11 @@ def _validate_views(cfg: DictConfig) -> None:
     if e.view == "crop" and e.crop_size > cfg.data.image_size:
         raise UserError(f"config key 'equivariance.crop_size': {e.crop_size} is larger than data.image_size "
                         f"{cfg.data.image_size}")
-    if e.group == "translate" and cfg.data.image_size % e.grid:
-        raise UserError(f"config key 'equivariance.grid': {e.grid} does not divide data.image_size "
-                        f"{cfg.data.image_size}")
+    eq_size, eq_key = (e.crop_size, "equivariance.crop_size") if e.view == "crop" else (cfg.data.image_size,
+                                                                                           "data.image_size")
+    if e.group == "translate" and eq_size % e.grid:
+        raise UserError(f"config key 'equivariance.grid': {e.grid} does not divide {eq_key} {eq_size} (the size of "
+                        "the equivariance input)")
     if e.group in transforms.PHOTOMETRIC_GROUPS:
         if a.lattice:
             raise UserError(f"config key 'equivariance.group': {e.group} is an image colour operation; unit cells "

@@ -94,7 +94,7 @@ import essl
 from essl.data import load_labelled
 from essl.encoder import random_encoder_like
 from essl.errors import UserError
-from essl.io import atomic_write_json
+from essl.io import atomic_write_json, check_output_file
 from essl.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_accuracy
 from essl.runtime import resolve_device, torch_threads
 
@@ -107,6 +107,7 @@ from .features import (
     resized_crop,
 )
 
+PHC_SUFFIXES = (".h5", ".hdf5")  # photonic-crystal map files (essl.data.phc)
 #: L2 penalties tried (on the mean cross-entropy, as ``0.5 * wd * ||W||²``), strongest first.
 WEIGHT_DECAY_GRID: tuple[float, ...] = (1e0, 1e-1, 1e-2, 1e-3, 1e-4)
 #: Share of the training set held out to choose the penalty.
@@ -468,14 +469,18 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 def _evaluate(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_y: Tensor, num_classes: int,
               seeds: int, knn_k: int, knn_t: float, device: torch.device,
-              linear: list[float] | None = None) -> dict[str, Any]:
+              linear: list[float] | None = None, progress: bool = False, label: str = "") -> dict[str, Any]:
     """Linear probe over ``seeds`` seeds and kNN (once) on one set of plain features.
 
-    ``linear``: per-seed accuracies already measured by another protocol (paper); default the fast probe's.
+    ``linear``: per-seed accuracies already measured by another protocol (paper); default the fast probe's, fitted
+    with a progress bar over the seeds when ``progress``.
     """
     if linear is None:
-        linear = [train_linear_probe(train_feats, train_y, test_feats, test_y, num_classes, seed, device=device)
-                  for seed in range(seeds)]
+        linear = []
+        for seed in tqdm(range(seeds), desc=f"fitting linear probe: {label}", unit="seed", disable=not progress,
+                         leave=False):
+            linear.append(train_linear_probe(train_feats, train_y, test_feats, test_y, num_classes, seed,
+                                             device=device))
     knn = knn_accuracy(train_feats.to(device), train_y.to(device), test_feats.to(device), test_y.to(device),
                        num_classes, k=knn_k, temperature=knn_t)
     return {"linear": _summary(linear), "knn": _summary([knn])}
@@ -606,6 +611,8 @@ def run_probe(
     if not (lr > 0 and math.isfinite(lr)):
         raise UserError(f"--lr must be a positive number, got {lr}")
     device = resolve_device(device)
+    if json_path is not None:  # before the work: a result that cannot be written is not computed
+        check_output_file(json_path, "--json")
 
     encoder = essl.load_encoder(encoder_path)
     config_name, config_path = _data_from_config(encoder.spec)
@@ -614,7 +621,14 @@ def run_probe(
     else:  # a name (its folder from the config when it is the pretraining dataset) or a path
         name, path = data, config_path if data == config_name else None
     image_size = int(encoder.input["size"])
+    if name == "phc" or str(path or name).endswith(PHC_SUFFIXES):
+        what = "the encoder was pretrained on" if data is None else "--data gives"
+        raise UserError(f"{what} photonic-crystal maps ({path or name}), which have no classes to probe; essl probe "
+                        "takes a labelled image dataset (essl list datasets), photonic encoders go to essl phc regress")
     labelled = load_labelled(name, image_size=image_size, path=path)
+    if labelled.num_classes < 2 or len(labelled.x_test) == 0:
+        raise UserError(f"dataset {labelled.name}: a linear probe needs labelled train and test images of at least "
+                        f"2 classes (it has {labelled.num_classes} classes, {len(labelled.x_test)} test images)")
     channels = int(encoder.input["channels"])
     if labelled.x_train.shape[1] != channels:
         raise UserError(f"{labelled.name} has {labelled.x_train.shape[1]} channel(s) but the encoder "
@@ -641,7 +655,8 @@ def run_probe(
             linear = _evaluate_paper(model, labelled.x_train, ys[0], labelled.x_test, ys[1], labelled.num_classes,
                                      seeds, epochs, train_batch_size, lr, batch_size, device, progress,
                                      label=key.replace("_", " "))
-        runs[key] = _evaluate(train_feats, ys[0], test_feats, ys[1], linear=linear, **common)
+        runs[key] = _evaluate(train_feats, ys[0], test_feats, ys[1], linear=linear, progress=progress,
+                              label=key.replace("_", " "), **common)
 
     paper = {"image_size": image_size, "epochs": epochs, "train_batch_size": train_batch_size, "lr": lr}
     result = {

@@ -482,8 +482,19 @@ def run_compare(out: str | os.PathLike = DEFAULT_OUT, settings: CompareSettings 
         budget_minutes: wall-time budget, checked and reported (None: 90 for the CPU scale, else unchecked).
         log: where progress lines go.
     """
+    import torch
+
     settings = settings or CPU
     _check_settings(settings)
+    previous = torch.get_num_threads()  # inline tasks (one job) set torch's threads: restore them afterwards
+    try:
+        return _run_compare(out, settings, budget_minutes, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_compare(out: str | os.PathLike, settings: CompareSettings, budget_minutes: float | None,
+                 log: Callable[[str], None]) -> dict[str, Any]:
     if budget_minutes is None and settings.scale == "cpu":
         budget_minutes = 90.0
     out = Path(out)

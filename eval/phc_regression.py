@@ -80,7 +80,7 @@ from essl.augment import LATTICE_OPS, lattice_augment
 from essl.backbones import build_backbone, check_input_size
 from essl.encoder import FrozenEncoder
 from essl.errors import UserError
-from essl.io import atomic_write, atomic_write_json
+from essl.io import atomic_write, atomic_write_json, check_output_file
 from essl.photonics import dos as phc_dos
 from essl.photonics.dataset import PhCData, open_dataset
 from essl.runtime import resolve_device, torch_threads
@@ -479,6 +479,11 @@ def _check_labels(n_labels: int, n_train: int, val_fraction: float, train: str |
 
 
 def _check_encoder(encoder: FrozenEncoder, path: str | os.PathLike, size: int) -> None:
+    config = encoder.spec.get("config") or {}
+    trained_on = (config.get("data") or {}).get("name") if isinstance(config, dict) else None
+    if trained_on is not None and trained_on != "phc":
+        raise UserError(f"encoder {path} was pretrained on {trained_on}, not on photonic-crystal maps "
+                        "(data.name=phc); phc regress needs an encoder of unit cells")
     channels, enc_size = int(encoder.input["channels"]), int(encoder.input["size"])
     if channels != 1:
         raise UserError(f"encoder {path} takes {channels} input channels; permittivity maps have 1")
@@ -580,8 +585,13 @@ def run_regression(
     ops = {"encoder": parse_augment(augment, "--augment"),
            "scratch": parse_augment(scratch_augment, "--scratch-augment")}
     device = resolve_device(device)
+    if encoder is None and not with_scratch:
+        raise UserError("--no-scratch with encoder 'none': nothing to train (no encoder and no from-scratch baseline)")
     if figure_path is not None:
         _figure_format(figure_path)
+        check_output_file(figure_path, "--figure")
+    if json_path is not None:  # before the work: a result that cannot be written is not computed
+        check_output_file(json_path, "--json")
     train_data, test_data = _load(train, "train"), _load(test, "test")
     size = train_data.eps.shape[1]
     if test_data.eps.shape[1] != size:

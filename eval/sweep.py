@@ -71,12 +71,20 @@ def _run_task(config: str, overrides: list[str], probe_seeds: int, threads: int)
     """Pretrain (or reuse a finished identical run) and probe; cached as ``probe.json`` in the run folder."""
     import torch
 
+    previous = torch.get_num_threads()  # restored afterwards: with one job the task runs in the caller's process
+    torch.set_num_threads(threads)
+    try:
+        return _run(config, overrides, probe_seeds)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(config: str, overrides: list[str], probe_seeds: int) -> dict[str, Any]:
     from essl.config import load_config, to_container
     from essl.encoder import read_encoder_file
     from essl.eval.linear_probe import run_probe
     from essl.pretrain import CHECKPOINT, ENCODER, pretrain
 
-    torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
     run_dir = Path(cfg.output_dir)
     encoder = run_dir / ENCODER

@@ -411,7 +411,7 @@ def _lock(out: Path, what: str):
     """Take the lock of ``out`` (:func:`lock_path`); a LockHeld error names the holder (``what`` of its process)."""
     from essl.io import FileLock
 
-    return FileLock(lock_path(out), what).acquire()
+    return FileLock(lock_path(out), what, resource=out).acquire()
 
 
 def _write_attrs(f: h5py.File, settings: dict[str, Any], devices: Sequence[str], completed: int) -> None:

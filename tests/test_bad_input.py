@@ -1,15 +1,18 @@
-"""Bad input at the CLI (issue 6): every case exits 2 with exactly one stderr line naming the problem (the file,
-key or value) and no traceback; ``--debug`` raises instead.
+"""Bad input at the CLI (issues 6 and 12): every case exits 2 with exactly one stderr line naming the problem (the
+file, key or value), no traceback, and nothing written (the files under ``tmp_path`` are the same before and
+after, byte for byte); ``--debug`` raises instead.
 
 The cases are a table; each builds its argv (and any bad file) under ``tmp_path``. Everything runs in-process
 through :func:`essl.cli.main`, except one case that is also run as a real ``essl`` subprocess, to see every
-line the process writes (in-process, pytest intercepts warnings and Lightning's log handler).
+line the process writes (in-process, pytest intercepts warnings and Lightning's log handler). Cases that need a
+folder nobody may write in get one (a read-only tmpfs when running as root, whom file modes do not stop).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -129,12 +132,59 @@ def _truncated_pt(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+READ_ONLY: dict[str, Path] = {}  # "dir": a folder no process can write in (the read_only_dir fixture)
+NO_GPU = not torch.cuda.is_available()
+
+
+def _tiny_encoder(tmp: Path, config: dict, name: str = "encoder.pt", size: int = MAP_SIDE) -> Path:
+    """An untrained phc_cnn encoder file whose stored config says what it was pretrained on."""
+    from essl.backbones import build_backbone
+    from essl.encoder import export_encoder
+
+    net, dim = build_backbone("phc_cnn", 1, width=0.125)
+    return export_encoder(tmp / name, net, "phc_cnn", {"width": 0.125}, dim, 1, size, (1.0,), (19.0,), config)
+
+
+def _small_digits_encoder(tmp: Path) -> Path:
+    """An untrained small_cnn digits encoder (1 channel, 32x32: the shape of a photonic map)."""
+    from essl.backbones import build_backbone
+    from essl.encoder import export_encoder
+
+    net, dim = build_backbone("small_cnn", 1, width=4)
+    return export_encoder(tmp / "digits.pt", net, "small_cnn", {"width": 4}, dim, 1, MAP_SIDE, (0.3,), (0.4,),
+                          {"data": {"name": "digits", "path": None}})
+
+
+def _probe(tmp: Path, *extra: str) -> list[str]:
+    enc = _small_digits_encoder(tmp)
+    return ["probe", str(enc), "--seeds", "1", "--no-progress", *extra]
+
+
+def _regress_with(tmp: Path, *extra: str, encoder: str = "none") -> list[str]:
+    train = _h5(tmp / "train.h5", **_labelled())
+    argv = _regress(tmp, train)
+    argv[2] = encoder
+    argv[argv.index("--n-labels") + 1] = str(N_MAPS - 1)  # enough for the validation split: the later checks run
+    return [*argv, *extra]
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _a_file(tmp: Path) -> Path:
+    return _write(tmp / "afile", b"not a folder")
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
     argv: Callable[[Path], list[str]]
     needles: tuple[str, ...]  # each must appear in the one stderr line ("{tmp}" stands for tmp_path)
     regression: bool = False  # needs essl.eval.phc_regression
+    read_only: bool = False  # needs READ_ONLY["dir"]
+    skip: str = ""  # a reason to skip on this machine
 
 
 CASES = [
@@ -209,6 +259,75 @@ CASES = [
          ("{tmp}/train.h5", "target"), regression=True),
     Case("phc regress: missing train file", lambda t: _regress(t, t / "absent.h5"), ("{tmp}/absent.h5",),
          regression=True),
+    # ---- issue 12: values checked in the schema, before any work ------------------------------------------------
+    Case("translate grid does not divide the crop",
+         lambda t: [*_digits_run(t, E_SIMCLR), "data.image_size=24", "equivariance.group=translate",
+                    "equivariance.grid=3", "equivariance.crop_size=16"],
+         ("equivariance.grid", "3", "equivariance.crop_size 16")),
+    Case("cuda without a GPU", lambda t: [*_digits_run(t), "trainer.accelerator=cuda"],
+         ("trainer.accelerator", "cuda", "no CUDA GPU"), skip="" if NO_GPU else "this machine has a GPU"),
+    Case("unknown accelerator", lambda t: [*_digits_run(t), "trainer.accelerator=quantum"],
+         ("trainer.accelerator", "quantum")),
+    Case("devices not a number", lambda t: [*_digits_run(t), "trainer.devices=abc"], ("trainer.devices", "abc")),
+    Case("zero devices", lambda t: [*_digits_run(t), "trainer.devices=0"], ("trainer.devices", "'0'")),
+    Case("unknown precision", lambda t: [*_digits_run(t), "trainer.precision=bogus"],
+         ("trainer.precision", "bogus", "32-true")),
+    Case("negative learning rate", lambda t: [*_digits_run(t), "optim.lr=-1"], ("optim.lr", "-1")),
+    Case("momentum of 1 or more", lambda t: [*_digits_run(t), "optim.momentum=1.5"], ("optim.momentum", "1.5")),
+    Case("negative weight decay", lambda t: [*_digits_run(t), "optim.weight_decay=-0.1"], ("optim.weight_decay",)),
+    Case("zero temperature (old key)", lambda t: [*_digits_run(t), "method.temperature=0"],
+         ("method.temperature", "method.kwargs.temperature")),
+    Case("log every 0 steps", lambda t: [*_digits_run(t), "trainer.log_every_n_steps=0"],
+         ("trainer.log_every_n_steps", "0")),
+    Case("negative checkpoint interval", lambda t: [*_digits_run(t), "trainer.checkpoint_every_n_steps=-1"],
+         ("trainer.checkpoint_every_n_steps", "-1")),
+    Case("fraction of batches above 1", lambda t: [*_digits_run(t), "trainer.limit_train_batches=1.5"],
+         ("trainer.limit_train_batches", "1.5")),
+    Case("negative seed", lambda t: [*_digits_run(t), "seed=-1"], ("seed", "-1")),
+    Case("negative num_workers", lambda t: [*_digits_run(t), "data.num_workers=-2"], ("data.num_workers", "-2")),
+    Case("unknown logger", lambda t: [*_digits_run(t), "trainer.logger=wandb"], ("trainer.logger", "wandb")),
+    Case("image smaller than the equivariance crop", lambda t: [*_digits_run(t, E_SIMCLR), "data.image_size=8"],
+         ("equivariance.crop_size", "16", "data.image_size 8")),
+    Case("64x64 photonic maps for phc_cnn",
+         lambda t: _phc_run(t, _h5(t / "big.h5", eps=_maps(side=64))), ("64x64", "too large", "phc_cnn")),
+    # ---- output paths, checked before any work ------------------------------------------------------------------
+    Case("output_dir is a file", lambda t: ["pretrain", SIMCLR, f"output_dir={_a_file(t)}", *TINY],
+         ("output_dir", "{tmp}/afile", "is a file")),
+    Case("output_dir under a file", lambda t: ["pretrain", SIMCLR, f"output_dir={_a_file(t) / 'run'}", *TINY],
+         ("output_dir", "{tmp}/afile", "not a folder")),
+    Case("output_dir read-only", lambda t: ["pretrain", SIMCLR, f"output_dir={READ_ONLY['dir'] / 'run'}", *TINY],
+         ("output_dir", "read-only"), read_only=True),
+    Case("probe --json is a folder", lambda t: _probe(t, "--json", str(t)), ("--json", "{tmp}", "is a folder")),
+    Case("probe --json read-only", lambda t: _probe(t, "--json", str(READ_ONLY["dir"] / "p.json")),
+         ("--json", "read-only"), read_only=True),
+    Case("bench --json is a folder", lambda t: ["bench", "pipeline", "--quick", "--json", str(t)],
+         ("--json", "{tmp}", "is a folder")),
+    Case("bench --device cuda without a GPU", lambda t: ["bench", "pipeline", "--quick", "--device", "cuda"],
+         ("--device", "cuda", "not available"), skip="" if NO_GPU else "this machine has a GPU"),
+    Case("phc regress --json is a folder", lambda t: _regress_with(t, "--json", str(t)),
+         ("--json", "{tmp}", "is a folder"), regression=True),
+    Case("phc regress --json read-only", lambda t: _regress_with(t, "--json", str(READ_ONLY["dir"] / "r.json")),
+         ("--json", "read-only"), regression=True, read_only=True),
+    Case("phc regress --figure is a folder", lambda t: _regress_with(t, "--figure", str(_folder(t / "fig.png"))),
+         ("--figure", "{tmp}/fig.png", "is a folder"), regression=True),
+    Case("phc regress none --no-scratch", lambda t: _regress_with(t, "--no-scratch"),
+         ("--no-scratch", "none", "nothing to train"), regression=True),
+    Case("phc regress with a digits encoder",
+         lambda t: _regress_with(t, encoder=str(_small_digits_encoder(t))),
+         ("{tmp}/digits.pt", "digits", "photonic"), regression=True),
+    # ---- the wrong messages of issue 12 -------------------------------------------------------------------------
+    Case("probe of a photonics encoder",
+         lambda t: ["probe", str(_tiny_encoder(t, {"data": {"name": "phc", "path": str(t / "cells.h5")}})),
+                    "--no-progress"], ("{tmp}/cells.h5", "photonic", "phc regress")),
+    Case("probe --data FILE.h5", lambda t: _probe(t, "--data", str(_h5(t / "maps.h5", eps=_maps()))),
+         ("--data", "{tmp}/maps.h5", "photonic")),
+    Case("probe --data mnist (no such dataset)", lambda t: _probe(t, "--data", "mnist"),
+         ("mnist", "digits", "cifar10")),
+    # ---- essl show ----------------------------------------------------------------------------------------------
+    Case("show a missing folder", lambda t: ["show", str(t / "nope")], ("{tmp}/nope", "not found")),
+    Case("show a folder that is not a run", lambda t: ["show", str(t)], ("{tmp}", "not an essl run")),
+    Case("show --plot with an unknown format", lambda t: ["show", str(t), "--plot", str(t / "c.xyz")],
+         ("--plot", "xyz")),
 ]
 
 
@@ -227,17 +346,47 @@ def _check_one_line(err: str, needles: tuple[str, ...], tmp: Path) -> None:
         assert needle.replace("{tmp}", str(tmp)) in line, f"{needle!r} not in {line!r}"
 
 
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``folder``."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def read_only_dir(tmp_path_factory):
+    """A folder nobody can write in: mode 0555, or for root (whom modes do not stop) a read-only tmpfs."""
+    folder = tmp_path_factory.mktemp("read_only")
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount = shutil.which("mount")
+    if mount is None or subprocess.run([mount, "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only folder as root (mounting a read-only tmpfs failed)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys, request):
     if case.regression and not HAS_PHC_REGRESSION:
         pytest.skip("essl.eval.phc_regression is not there")
+    if case.skip:
+        pytest.skip(case.skip)
+    if case.read_only:
+        READ_ONLY["dir"] = request.getfixturevalue("read_only_dir")
     argv = case.argv(tmp_path)
+    before = _snapshot(tmp_path)
     capsys.readouterr()
     assert main(argv) == 2
     captured = capsys.readouterr()
     _check_one_line(captured.err, case.needles, tmp_path)
-    assert not (tmp_path / "run" / "last.ckpt").exists()
-    assert not (tmp_path / "run" / "encoder.pt").exists()
+    assert _snapshot(tmp_path) == before, "a refused command wrote or removed files"
+    if case.read_only:
+        assert not any(READ_ONLY["dir"].iterdir())
 
 
 @pytest.mark.parametrize("name", ["unknown key override", "foreign .pt", "HDF5 with NaN"])
