@@ -130,3 +130,21 @@ def knn_accuracy(
     pred = knn_predict(train_features, train_labels, test_features, num_classes, k=k,
                        temperature=temperature, chunk_size=chunk_size)
     return (pred == test_labels.to(pred.device)).double().mean().item()
+
+
+def merge_shards(index: Tensor, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The features and labels of a split put back together from DDP shards, in sample order.
+
+    ``index`` (N,) or (world, n) holds each row's position in the split, ``features`` (..., D) and ``labels`` the
+    matching rows (``LightningModule.all_gather`` stacks the ranks first). Lightning's ``DistributedSampler`` pads
+    the shards to equal sizes with repeated samples, so rows are de-duplicated by index (the first copy kept) and
+    sorted by it: the result is the single-process split, row for row.
+    """
+    index = index.reshape(-1)
+    features = features.reshape(index.shape[0], -1)
+    labels = labels.reshape(-1)
+    order = torch.sort(index, stable=True).indices  # repeated indices stay in rank order
+    index, features, labels = index[order], features[order], labels[order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    return features[first], labels[first]

@@ -39,6 +39,8 @@ Run: ``essl bench [pipeline|train|solver|all] [--device cpu|cuda] [--json PATH] 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import math
 import os
 import platform
@@ -47,7 +49,10 @@ import statistics
 import sys
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,14 +60,17 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from essl.io import atomic_write_json
+from essl.io import atomic_write_json, check_output_file
 from essl.malloc import tune_malloc
-from essl.runtime import torch_threads
+from essl.runtime import resolve_device, torch_threads
 
-SECTIONS = ("pipeline", "train", "solver")
-CHOICES = (*SECTIONS, "all", "profile")
+SECTIONS = ("pipeline", "train", "solver", "loader", "hostsync")
+CHOICES = (*SECTIONS, "all", "profile", "folder")
 
 DEFAULT_REPEATS = 5
 """Timed repeats per measurement (after one warm-up); medians are quoted."""
@@ -76,6 +84,7 @@ N_VIEWS = 2
 GROUP = "rot4"
 N_ROTATIONS = 4
 ESSL_WEIGHT = 0.4  # λ of E-SimCLR; 0 is plain SimCLR
+E_BARLOW_WEIGHT = 8.0  # λ of configs/cifar10/e-barlowtwins.yaml
 CROP_SCALE = (0.2, 1.0)
 HFLIP_PROB = 0.5
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
@@ -193,17 +202,183 @@ class PeakMemory:
             out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / BYTES_PER_MB
         return out
 
+# ---- host syncs: blocking device→host reads, counted on any device ---------------------------------------------
+#
+# On a GPU a read of a device value (``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, or an op whose output size
+# depends on the data: ``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ...) waits until every
+# queued kernel has run. On a CPU nothing waits, so the counter tracks which tensors *would* live on the device:
+# the roots it is given (the batch, a module's parameters and buffers), every factory call with an explicit
+# ``device=`` (code written for a GPU passes the input's device), and every result of an op that has a device
+# input (followed through autograd's backward ops, below the Python API). Tensors made without a device are host
+# tensors and reading them is free. A copy of host data to the device (``torch.tensor(..., device=)``,
+# ``host.to(device)``) is counted apart: on a GPU only some of them block (pinned or ``non_blocking`` copies do
+# not), which a CPU run cannot tell.
+_ATEN = torch.ops.aten
+_READ_OPS = frozenset({
+    _ATEN._local_scalar_dense.default,  # item(), bool(), int(), float()
+    _ATEN.nonzero.default, _ATEN.masked_select.default, _ATEN.equal.default, _ATEN.is_nonzero.default,
+    _ATEN._unique2.default, _ATEN.unique_dim.default, _ATEN.unique_consecutive.default, _ATEN.bincount.default,
+    _ATEN.repeat_interleave.Tensor,  # without output_size
+})
+_MASK_OPS = frozenset({_ATEN.index.Tensor, _ATEN.index_put.default, _ATEN.index_put_.default,
+                       _ATEN._index_put_impl_.default})  # a read when an index is a boolean mask
+_READ_METHODS = frozenset({Tensor.tolist, Tensor.numpy, Tensor.cpu, Tensor.__array__})
+_COPY_OPS = frozenset({_ATEN._to_copy.default, _ATEN.copy_.default})
 
 
+def _to_host(func, args: tuple, kwargs: dict) -> bool:
+    """Whether an aten copy moves a tensor that really is on an accelerator to the CPU (seen on a GPU run only;
+    on a CPU run such copies are caught above the dispatcher, as ``.cpu()`` / ``.tolist()`` / ``.to("cpu")``)."""
+    if func is _ATEN._to_copy.default:
+        source, target = args[0], kwargs.get("device")
+        return target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu"
+    dest, source = args[0], args[1]  # copy_(self, src)
+    return isinstance(source, Tensor) and source.device.type != "cpu" and dest.device.type == "cpu"
+
+_COPY_FACTORIES = frozenset({torch.tensor, torch.as_tensor})
+_FACTORIES = frozenset({*_COPY_FACTORIES, torch.zeros, torch.ones, torch.full, torch.empty, torch.rand, torch.randn,
+                        torch.randint, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.randperm,
+                        torch.scalar_tensor, torch.empty_strided})
+_SITE_FRAMES = 2
+"""Frames outside torch named per counted read (innermost first)."""
+
+
+class _Tags:
+    """The set of tensors that would live on the device (identity, weakly held: ids are reused after a free)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, t: Tensor) -> None:
+        key = id(t)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is t:
+            return
+
+        def forget(r: weakref.ref, key: int = key) -> None:
+            if self._refs.get(key) is r:
+                del self._refs[key]
+
+        self._refs[key] = weakref.ref(t, forget)
+
+    def __contains__(self, t: object) -> bool:
+        ref = self._refs.get(id(t))
+        return ref is not None and ref() is t
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(obj) if isinstance(t, Tensor)]
+
+
+def _site() -> str:
+    frames = [f for f in traceback.extract_stack()[:-1]
+              if "site-packages/torch/" not in f.filename and f.filename != __file__]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-_SITE_FRAMES:]))
+
+
+class _FunctionLevel(TorchFunctionMode):
+    """Python-API view: factories with ``device=``, host→device copies, ``tolist``/``numpy``/``cpu`` reads."""
+
+    def __init__(self, counter: HostSyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tags, c = self.counter.tags, self.counter
+        if func in _READ_METHODS and args and args[0] in tags:
+            c._count(c.reads, func.__name__)
+        copy = False
+        if func is Tensor.to and args and args[0] not in tags and not kwargs.get("non_blocking", False):
+            target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (torch.device, str, Tensor))),
+                                               None))
+            to_host = isinstance(target, str) and target == "cpu"  # an explicit move to the host, not to the device
+            copy = target is not None and not to_host and not (isinstance(target, Tensor) and target not in tags)
+        if func in _COPY_FACTORIES and kwargs.get("device") is not None:
+            data = args[0] if args else kwargs.get("data")
+            copy = not (isinstance(data, Tensor) and data in tags)
+        if copy:
+            c._count(c.host_to_device, func.__name__)
+        out = func(*args, **kwargs)
+        if copy and isinstance(out, Tensor) and args and out is args[0]:
+            out = out.clone()  # on a GPU the copy is a new tensor; do not tag the host original
+        if copy or (func in _FACTORIES and kwargs.get("device") is not None) or any(
+                t in tags for t in _tensors((args, kwargs))):
+            for t in _tensors(out):
+                tags.add(t)
+        return out
+
+
+class _DispatchLevel(TorchDispatchMode):
+    """aten view (autograd's backward included): device-ness follows every op; data-dependent ops are reads."""
+
+    def __init__(self, counter: HostSyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        c = self.counter
+        on_device = any(t in c.tags for t in _tensors((args, kwargs)))
+        if on_device and func in _COPY_OPS and _to_host(func, args, kwargs):  # on a GPU: a copy to the host
+            c._count(c.reads, f"{func.overloadpacket.__name__} to the host")
+        if on_device:
+            if func in _READ_OPS and not (func is _ATEN.repeat_interleave.Tensor and kwargs.get("output_size")):
+                c._count(c.reads, str(func.overloadpacket.__name__))
+            elif func in _MASK_OPS:
+                index = args[1] if len(args) > 1 else kwargs.get("indices", ())
+                if any(isinstance(i, Tensor) and i.dtype == torch.bool for i in index or ()):
+                    c._count(c.reads, f"{func.overloadpacket.__name__}[bool mask]")
+        out = func(*args, **kwargs)
+        if on_device:
+            for t in _tensors(out):
+                c.tags.add(t)
+        return out
+
+
+class HostSyncCounter:
+    """Count the blocking device→host reads (and host→device copies) of the code run inside the context.
+
+    ``roots``: modules, tensors or containers of tensors that live on the device (the model, a batch). ``reads`` and
+    ``host_to_device`` map ``"op @ file:line function <- caller"`` to counts; ``n_reads`` is their total. See the
+    comment above for what counts; everything is counted on any device, including a CPU, by the same rules.
+    """
+
+    def __init__(self, *roots: Tensor | torch.nn.Module):
+        self.roots = roots
+        self.tags = _Tags()
+        self.reads: collections.Counter[str] = collections.Counter()
+        self.host_to_device: collections.Counter[str] = collections.Counter()
+
+    def _count(self, table: collections.Counter, op: str) -> None:
+        table[f"{op} @ {_site()}"] += 1
+
+    @property
+    def n_reads(self) -> int:
+        return sum(self.reads.values())
+
+    @property
+    def n_host_to_device(self) -> int:
+        return sum(self.host_to_device.values())
+
+    def __enter__(self) -> HostSyncCounter:
+        for root in self.roots:
+            tensors = [*root.parameters(), *root.buffers()] if isinstance(root, torch.nn.Module) else _tensors(root)
+            for t in tensors:
+                self.tags.add(t)
+        self._modes = (_FunctionLevel(self), _DispatchLevel(self))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
 
 
 def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
-    return dev
+    """``--device`` (None: cuda if available); an unknown or absent device is a UserError (exit 2)."""
+    return resolve_device(device)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -383,25 +558,29 @@ class StepSetup:
     x: Tensor
 
 
-def build_step(backbone: str, essl_weight: float, batch: int, device: torch.device) -> StepSetup:
-    """The CIFAR-10 (E-)SimCLR recipe through :func:`essl.pretrain.build_module`, on synthetic data."""
+def build_step(backbone: str, essl_weight: float, batch: int, device: torch.device,
+               config: str = "e-simclr") -> StepSetup:
+    """A CIFAR-10 recipe (``configs/cifar10/<config>.yaml``, by default E-SimCLR; schema defaults + SimCLR when the
+    source tree is not there) through :func:`essl.pretrain.build_module`, on synthetic data."""
     from essl.config import load_config
     from essl.data import LabelledData
     from essl.pretrain import build_module
 
+    config_file = CONFIG_FILE.parent / f"{config}.yaml"
     overrides = [
         f"backbone.name={backbone}",
         f"data.batch_size={batch}",
         f"data.image_size={IMAGE_SIZE}",
-        "method.name=simclr",
         f"equivariance.weight={essl_weight}",
         f"equivariance.group={GROUP}",
         f"equivariance.crop_size={EQ_CROP_SIZE}",
     ]
+    if not config_file.exists():
+        overrides.append("method.name=simclr")
     if backbone in SMALL_BACKBONE_HEADS:
         width = SMALL_BACKBONE_HEADS[backbone]
         overrides += [f"method.kwargs.hidden_dim={width}", f"equivariance.hidden_dim={width}"]
-    cfg = load_config(CONFIG_FILE if CONFIG_FILE.exists() else None, overrides)
+    cfg = load_config(config_file if config_file.exists() else None, overrides)
     x = synthetic_images(batch)
     labels = torch.zeros(batch, dtype=torch.long)
     data = LabelledData("synthetic", x, labels, x, labels, NUM_CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD)
@@ -450,11 +629,314 @@ def bench_train(device: torch.device, quick: bool = False, repeats: int = DEFAUL
                 "images_per_s": batch / steps[k],
                 "augment_ms": augs[k] * 1e3,
                 "augment_share": augs[k] / steps[k],
+                "host_reads_per_step": host_reads_per_step(setups[k]),
             }
         res["essl_overhead"] = steps["e_simclr"] / steps["simclr"]
         res["memory"] = mem.result()
         out[name] = res
         del setups
+    return out
+
+
+def host_reads_per_step(s: StepSetup, steps: int = 1) -> float:
+    """Blocking device→host reads of ``steps`` training steps (:class:`HostSyncCounter`), per step; the step
+    runs once before (caches built once per shape are not counted)."""
+    train_step(s)
+    with HostSyncCounter(s.module, s.x) as counter:
+        for _ in range(steps):
+            train_step(s)
+    return counter.n_reads / steps
+
+
+def with_library_ops(s: StepSetup) -> StepSetup:
+    """The same step with kornia's and lightly's own ops where essl has sync-free ones (the "before" of the host
+    sync work): kornia's ColorJitter, RandomGaussianBlur and Normalize (:func:`essl.augment.library_equivalent`),
+    lightly's NTXentLoss and VICRegLoss, lightly's LARS. In place; returns ``s``."""
+    from lightly.loss import NTXentLoss, VICRegLoss
+    from lightly.utils.lars import LARS
+
+    from essl.augment import library_equivalent
+    from essl.methods.simclr import NTXent
+    from essl.methods.vicreg import SyncFreeVICRegLoss
+    from essl.module import SyncFreeLARS
+
+    device = s.x.device
+    maker = s.module.view_maker
+    for pipeline in [*maker.view_pipelines, maker.eq_pipeline]:
+        if isinstance(pipeline, torch.nn.Sequential):
+            for i, op in enumerate(pipeline):
+                pipeline[i] = library_equivalent(op).to(device)
+    method = s.module.method
+    criterion = getattr(method, "criterion", None)
+    if isinstance(criterion, NTXent):
+        method.criterion = NTXentLoss(temperature=criterion.temperature,
+                                      gather_distributed=criterion.gather_distributed)
+    elif isinstance(criterion, SyncFreeVICRegLoss):
+        method.criterion = VICRegLoss(lambda_param=criterion.lambda_param, mu_param=criterion.mu_param,
+                                      nu_param=criterion.nu_param, eps=criterion.eps,
+                                      gather_distributed=criterion.gather_distributed)
+    if isinstance(s.optimizer, SyncFreeLARS):
+        lars = LARS(s.optimizer.param_groups, lr=s.optimizer.defaults["lr"])
+        lars.load_state_dict(s.optimizer.state_dict())
+        s.optimizer = lars
+    return s
+
+
+HOSTSYNC_CONFIGS = ("e-simclr", "e-byol", "simclr", "byol", "e-simsiam", "e-barlowtwins", "e-vicreg")
+"""The CIFAR-10 recipes counted by the hostsync section; quick mode counts the first two (the issue's pair)."""
+QUICK_HOSTSYNC_CONFIGS = CPU_HOSTSYNC_CONFIGS = ("e-simclr", "e-byol")
+"""On a CPU (ResNet-18 steps of seconds) the issue's pair only; the counts do not depend on the device."""
+HOSTSYNC_BACKBONES = ("resnet18_cifar",)
+"""ResNet-18 as in the recipes: LARS reads two norms per weight tensor, so the count depends on the backbone."""
+
+
+def bench_hostsync(device: torch.device, quick: bool = False, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    """Blocking device→host reads per training step (augment + forward + backward + optimiser step) of the CIFAR-10
+    recipes, with kornia's and lightly's own ops ("before", :func:`with_library_ops`) and with essl's sync-free ones
+    ("after"), and the step time of both, interleaved. Counted by the same rules on every device (CPU included)."""
+    repeats = min(repeats, MAX_TRAIN_REPEATS)
+    out: dict[str, Any] = {"repeats": repeats}
+    backbones = QUICK_BACKBONES if quick else HOSTSYNC_BACKBONES
+    configs = HOSTSYNC_CONFIGS if device.type == "cuda" else CPU_HOSTSYNC_CONFIGS
+    for config in QUICK_HOSTSYNC_CONFIGS if quick else configs:
+        weight = ESSL_WEIGHT if config.startswith("e-") else 0.0
+        if config == "e-barlowtwins":
+            weight = E_BARLOW_WEIGHT
+        for name in backbones:
+            batch = _train_batch(name, device, quick)
+            setups = {"before": with_library_ops(build_step(name, weight, batch, device, config)),
+                      "after": build_step(name, weight, batch, device, config)}
+            reads = {k: host_reads_per_step(v) for k, v in setups.items()}
+            with HostSyncCounter(setups["before"].module, setups["before"].x) as counter:
+                train_step(setups["before"])
+            sites = dict(counter.reads.most_common())
+            times = _interleaved({k: (lambda v=v: train_step(v)) for k, v in setups.items()}, repeats, device)
+            out[f"{config}/{name}"] = {
+                "batch": batch,
+                "reads_before": reads["before"], "reads_after": reads["after"],
+                "step_ms_before": times["before"] * 1e3, "step_ms_after": times["after"] * 1e3,
+                "sites_before": sites,
+            }
+            del setups
+    return out
+
+
+# ---- 4. loader: images/s of the lazy image-folder loader alone --------------------------------------------------
+LOADER_IMAGES = 384
+QUICK_LOADER_IMAGES = 16
+LOADER_CLASSES = 4
+LOADER_SOURCE_SIZE = (500, 375)
+"""(width, height) of the generated JPEGs: the most common ImageNet training-image size."""
+LOADER_IMAGE_SIZE = 224
+QUICK_LOADER_IMAGE_SIZE = 32
+LOADER_BATCH = 64
+QUICK_LOADER_BATCH = 8
+JPEG_QUALITY = 90
+GPU_STEP_BACKBONE = "resnet50"
+GPU_STEP_BATCH = 128
+"""On a GPU the loader section also times an E-SimCLR step of ResNet-50 on 224-pixel images (the ImageNet
+recipe's model), the rate the loader must keep up with."""
+NOISE_LEVEL = 24.0  # uint8 units of noise over the smooth pattern, so JPEGs are photo-sized (tens of kB)
+
+
+def make_image_folder(root: Path, n: int, size: tuple[int, int], classes: int = LOADER_CLASSES,
+                      suffix: str = ".jpg", seed: int = SEED) -> Path:
+    """Write ``n`` generated images (a smooth random colour pattern plus noise) as ``root/class_k/i.suffix``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for k in range(classes):
+        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        fx, fy, phase = rng.uniform(0.5, 4.0, 3) * 2 * np.pi
+        base = 127.5 * (1 + np.sin(fx * xx / w + fy * yy / h + phase))
+        channels = [base * c for c in rng.uniform(0.3, 1.0, CHANNELS)]
+        image = np.stack(channels, -1) + rng.normal(0, NOISE_LEVEL, (h, w, CHANNELS))
+        pil = Image.fromarray(np.clip(image, 0, UINT8_LEVELS - 1).astype(np.uint8))
+        path = root / f"class_{i % classes}" / f"{i:07d}{suffix}"
+        pil.save(path, quality=JPEG_QUALITY) if suffix in (".jpg", ".jpeg") else pil.save(path)
+    return root
+
+
+def _loader_rate(dataset, batch: int, workers: int, repeats: int) -> float:
+    """Images/s of one pass of a DataLoader over ``dataset`` (median over repeats, after a warm-up pass)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
+                        drop_last=False)
+
+    def one_pass() -> None:
+        for _ in loader:
+            pass
+
+    seconds = _interleaved({"pass": one_pass}, repeats, torch.device("cpu"))["pass"]
+    return len(dataset) / seconds
+
+
+def bench_loader(device: torch.device, quick: bool = False, repeats: int = DEFAULT_REPEATS) -> dict[str, Any]:
+    """Images/s of the image-folder loader alone (:mod:`essl.data.lazy`: JPEG files decoded to uint8 at
+    ``data.image_size`` in DataLoader workers), by number of workers; on a GPU also the ResNet-50 E-SimCLR step
+    rate at 224 px and the workers it needs (step images/s / one worker's images/s, rounded up)."""
+    import tempfile
+
+    from essl.data.lazy import lazy_folder
+
+    n = QUICK_LOADER_IMAGES if quick else LOADER_IMAGES
+    size = QUICK_LOADER_IMAGE_SIZE if quick else LOADER_IMAGE_SIZE
+    batch = QUICK_LOADER_BATCH if quick else LOADER_BATCH
+    cores = os.cpu_count() or 1
+    repeats = min(repeats, MAX_TRAIN_REPEATS)
+    out: dict[str, Any] = {"images": n, "source_size": list(LOADER_SOURCE_SIZE), "image_size": size,
+                           "batch": batch, "repeats": repeats, "cores": cores}
+    with tempfile.TemporaryDirectory(prefix="essl-bench-loader-") as tmp, _cache_in(Path(tmp) / "cache"), \
+            PeakMemory(device) as mem:
+        root = make_image_folder(Path(tmp) / "images", n, LOADER_SOURCE_SIZE)
+        out["jpeg_kb_mean"] = sum(p.stat().st_size for p in root.rglob("*.jpg")) / n / 1024
+        t0 = time.perf_counter()
+        data = lazy_folder(root, size, num_workers=min(cores, 2))
+        out["startup_s"] = time.perf_counter() - t0  # scan + sampled statistics (cold cache)
+        rates = {w: _loader_rate(data.pretrain_dataset(), batch, w, repeats) for w in sorted({1, cores})}
+    out["images_per_s_by_workers"] = rates
+    out["per_worker_images_per_s"] = rates[1]
+    out["memory"] = mem.result()
+    if device.type == "cuda":
+        step = _gpu_step_rate(device, quick)
+        out.update(step)
+        out["workers_needed"] = math.ceil(step["step_images_per_s"] / rates[1])
+    return out
+
+
+def _gpu_step_rate(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Images/s of an E-SimCLR ResNet-50 step on 224-pixel images (mixed bf16/fp16 precision as recommended)."""
+    from essl.config import load_config
+    from essl.data import LabelledData
+    from essl.module import resolve_precision
+    from essl.pretrain import build_module
+
+    batch = QUICK_LOADER_BATCH if quick else GPU_STEP_BATCH
+    size = QUICK_LOADER_IMAGE_SIZE if quick else LOADER_IMAGE_SIZE
+    cfg = load_config(None, [f"backbone.name={GPU_STEP_BACKBONE}", f"data.image_size={size}", "equivariance.weight=0.4",
+                             f"equivariance.crop_size={size // 2}", "method.name=simclr"])
+    x = torch.randint(0, UINT8_LEVELS, (batch, CHANNELS, size, size), dtype=torch.uint8)
+    labels = torch.zeros(batch, dtype=torch.long)
+    module, _ = build_module(cfg, LabelledData("synthetic", x, labels, x, labels, NUM_CLASSES, mean=CIFAR10_MEAN,
+                                               std=CIFAR10_STD), batch)
+    module.to(device).train()
+    s = StepSetup(module, module.configure_optimizers()["optimizer"], x.to(device))
+    precision, _ = resolve_precision("bf16-mixed")
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype):
+            batch_ = s.module.make_training_batch(s.x)
+            loss = s.module.losses(batch_)["loss"]
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+
+    seconds = _interleaved({"step": step}, MAX_TRAIN_REPEATS, device)["step"]
+    return {"step_backbone": GPU_STEP_BACKBONE, "step_batch": batch, "step_precision": precision,
+            "step_images_per_s": batch / seconds}
+
+
+@contextmanager
+def _cache_in(folder: Path):
+    """Point essl's statistics cache (``ESSL_CACHE_DIR``) at ``folder`` while the block runs."""
+    from essl.data.lazy import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = previous
+
+
+# ---- a large folder: start-up time and memory (a benchmark, not part of `all`) ----------------------------------
+FOLDER_IMAGES = 100_000
+FOLDER_IMAGE_PX = 16
+"""Side of the generated PNG files: small, so that generating 100k of them takes seconds."""
+FOLDER_SIZES = (10_000, 100_000)
+"""File counts compared: memory must not grow with the folder (the lazy loader), the in-memory one grows."""
+QUICK_FOLDER_IMAGES = 200
+QUICK_FOLDER_SIZES = (100, 200)
+FOLDER_WORKERS = 2
+FOLDER_BATCH = 256
+FOLDER_TIMEOUT_S = 1800
+
+FOLDER_PROBE = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from essl.data import ImageDataModule, load_labelled, load_pretrain_data
+mode, path, size, workers, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+t_import = time.perf_counter()
+data = (load_pretrain_data("folder", size, path, workers) if mode == "lazy"
+        else load_labelled("folder", size, path))
+t_data = time.perf_counter()
+dm = ImageDataModule(data, batch, workers)
+it = iter(dm.train_dataloader())
+x, _ = next(it)
+t_batch = time.perf_counter()
+del it
+unit = 1 if sys.platform == "darwin" else 1024
+print(json.dumps({"images": data.n_pretrain, "import_s": t_import - t0, "data_s": t_data - t_import,
+                  "first_batch_s": t_batch - t_import, "batch_shape": list(x.shape),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20,
+                  "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit / 2**20}))
+"""
+
+
+def _folder_probe(mode: str, root: Path, size: int, cache: Path, batch: int) -> dict[str, Any]:
+    """One start-up in a fresh process (clean memory numbers): data set, DataModule, the first training batch."""
+    import subprocess
+
+    env = {**os.environ, "ESSL_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", FOLDER_PROBE, mode, str(root), str(size), str(FOLDER_WORKERS), str(batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=FOLDER_TIMEOUT_S)
+    if proc.returncode:
+        raise RuntimeError(f"folder probe {mode} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_folder(n_images: int = FOLDER_IMAGES, folder: str | None = None, in_memory: bool = True,
+                 sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Start-up of pretraining on a generated folder of small PNG files: time to the first training batch and
+    peak memory (main process, and the largest loader worker), for the lazy loader (cold statistics cache, then
+    warm) and, for comparison, the in-memory one, each at several folder sizes. Generated files are kept in
+    ``folder`` (default: a temporary folder) and reused by a later run."""
+    import shutil
+    import tempfile
+
+    sizes = tuple(sorted({*(sizes or ()), n_images})) if sizes else tuple(sorted({*FOLDER_SIZES, n_images}))
+    sizes = tuple(n for n in sizes if n <= n_images)
+    base = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="essl-bench-folder-"))
+    out: dict[str, Any] = {"image_px": FOLDER_IMAGE_PX, "workers": FOLDER_WORKERS, "batch": FOLDER_BATCH,
+                           "decode_size": FOLDER_IMAGE_PX, "runs": {}}
+    try:
+        for n in sizes:
+            root = base / f"png{n}"
+            done = root / ".complete"
+            if not done.exists():
+                shutil.rmtree(root, ignore_errors=True)
+                t0 = time.perf_counter()
+                make_image_folder(root, n, (FOLDER_IMAGE_PX, FOLDER_IMAGE_PX), suffix=".png")
+                done.write_text(f"{time.perf_counter() - t0:.1f} s\n")
+            cache = base / f"cache{n}"
+            shutil.rmtree(cache, ignore_errors=True)
+            batch = min(FOLDER_BATCH, n // 2)  # the training split (90%) holds at least one batch
+            runs = {"lazy_cold": _folder_probe("lazy", root, FOLDER_IMAGE_PX, cache, batch),
+                    "lazy_warm": _folder_probe("lazy", root, FOLDER_IMAGE_PX, cache, batch)}
+            if in_memory:
+                runs["in_memory"] = _folder_probe("memory", root, FOLDER_IMAGE_PX, cache, batch)
+            out["runs"][str(n)] = runs
+    finally:
+        if not folder:
+            shutil.rmtree(base, ignore_errors=True)
     return out
 
 
@@ -541,7 +1023,7 @@ def profile_essl(device: torch.device, quick: bool = False, repeats: int = DEFAU
     x = to_float(synthetic_images(batch).to(device))
     out: dict[str, Any] = {
         "batch": batch,
-        "view_ops_ms": _op_times(maker.view_pipeline, x, repeats, device),
+        "view_ops_ms": _op_times(maker.view_pipelines[0], x, repeats, device),
         "eq_view_ops_ms": _op_times(maker.eq_pipeline, x, repeats, device),
     }
     for name in QUICK_BACKBONES if quick else BACKBONES:
@@ -598,8 +1080,10 @@ def run_bench(
     quick: bool = False,
     repeats: int = DEFAULT_REPEATS,
     progress: bool = False,
+    folder_images: int = FOLDER_IMAGES,
 ) -> dict[str, Any]:
-    """Run the benchmark section(s) ``which`` (``pipeline``, ``train``, ``solver``, ``all`` or ``profile``).
+    """Run the benchmark section(s) ``which`` (:data:`SECTIONS`, ``all`` = all of them, ``profile`` or ``folder``;
+    ``folder_images``: the largest folder of ``folder``).
 
     ``device``: ``cpu`` / ``cuda`` (default: cuda if available). Returns a JSON-serialisable dict with
     ``machine``, ``settings`` and one entry per section; with ``json_path`` it is also written there atomically.
@@ -610,13 +1094,19 @@ def run_bench(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     dev = _resolve_device(device)
+    if json_path is not None:  # before the benchmarks run, not after
+        check_output_file(json_path, "--json")
     if quick:
         repeats = 1
     runners = {
         "pipeline": bench_pipeline,
         "train": bench_train,
         "solver": bench_solver_section,
+        "loader": bench_loader,
+        "hostsync": bench_hostsync,
         "profile": profile_essl,
+        "folder": lambda dev, quick, repeats: bench_folder(QUICK_FOLDER_IMAGES if quick else folder_images,
+                                                          sizes=QUICK_FOLDER_SIZES if quick else None),
     }
     result: dict[str, Any] = {
         "machine": machine_info(dev),
@@ -682,8 +1172,9 @@ def format_bench(result: dict[str, Any]) -> str:
             "**Training step** (augment + forward + backward + SGD step; λ = 0.4, rot4 of a 16×16 crop)",
             "",
             "| backbone | batch | SimCLR images/s | E-SimCLR images/s | E-SSL overhead (time ratio) "
-            "| augment share SimCLR / E-SimCLR | peak RSS MB" + (" | CUDA peak MB |" if cuda else " |"),
-            "|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+            "| augment share SimCLR / E-SimCLR | host reads/step | peak RSS MB"
+            + (" | CUDA peak MB |" if cuda else " |"),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
         ]
         for name in BACKBONES:
             if name not in tr:
@@ -693,11 +1184,40 @@ def format_bench(result: dict[str, Any]) -> str:
                 f"| {name} | {r['batch']} | {r['simclr']['images_per_s']:.1f} | {r['e_simclr']['images_per_s']:.1f} "
                 f"| {r['essl_overhead']:.2f}× "
                 f"| {r['simclr']['augment_share']:.0%} / {r['e_simclr']['augment_share']:.0%} "
-                f"| {_mb(r['memory'])} |"
+                f"| {r['e_simclr'].get('host_reads_per_step', float('nan')):.0f} | {_mb(r['memory'])} |"
             )
             if cuda:
                 row += f" {_mb(r['memory'], 'cuda_max_allocated_mb')} |"
             lines.append(row)
+    if "hostsync" in result:
+        lines += ["", "**Host syncs** — blocking device→host reads per training step (augment + forward + backward + "
+                  "optimiser step), kornia's/lightly's ops (before) vs essl's (after)", "",
+                  "| recipe / backbone | batch | reads before | reads after | step ms before | step ms after |",
+                  "|---|---|---|---|---|---|"]
+        for key, r in result["hostsync"].items():
+            if isinstance(r, dict):
+                lines.append(f"| {key} | {r['batch']} | {r['reads_before']:.0f} | {r['reads_after']:.0f} "
+                             f"| {r['step_ms_before']:.0f} | {r['step_ms_after']:.0f} |")
+    if "loader" in result:
+        ld = result["loader"]
+        rates = ", ".join(f"{w} worker{'s' if int(w) > 1 else ''}: {v:.0f}"
+                          for w, v in ld["images_per_s_by_workers"].items())
+        lines += ["", f"**Loader** — {ld['images']} JPEGs of {ld['source_size'][0]}×{ld['source_size'][1]} "
+                  f"(~{ld['jpeg_kb_mean']:.0f} kB) decoded to uint8 {ld['image_size']}² in DataLoader workers: "
+                  f"images/s {rates}; start-up (scan + sampled statistics) {ld['startup_s']:.1f} s"]
+        if "workers_needed" in ld:
+            lines.append(f"GPU step ({ld['step_backbone']}, batch {ld['step_batch']}, {ld['step_precision']}): "
+                         f"{ld['step_images_per_s']:.0f} images/s → **{ld['workers_needed']} loader workers** "
+                         f"at {ld['per_worker_images_per_s']:.0f} images/s each")
+    if "folder" in result:
+        lines += ["", f"**Large folder** — PNG files of {result['folder']['image_px']}² px, "
+                  f"{result['folder']['workers']} workers, batch {result['folder']['batch']}: seconds to the first "
+                  "training batch (after imports) and peak RSS MB (main process / largest worker)", "",
+                  "| files | lazy, cold cache | lazy, warm cache | in memory |", "|---|---|---|---|"]
+        for n, runs in result["folder"]["runs"].items():
+            cells = [f"{r['first_batch_s']:.1f} s, {r['peak_rss_mb']:.0f} / {r['peak_rss_worker_mb']:.0f} MB"
+                     if r else "" for r in (runs.get("lazy_cold"), runs.get("lazy_warm"), runs.get("in_memory"))]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     if "solver" in result:
         from essl.eval.bench_solver import format_table
 
@@ -739,8 +1259,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", default=None, help="write the results here (atomically)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds (tests); numbers not meaningful")
     ap.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
+    ap.add_argument("--folder-images", type=int, default=FOLDER_IMAGES,
+                    help=f"folder: the largest generated folder (default {FOLDER_IMAGES})")
     args = ap.parse_args(argv)
-    result = run_bench(args.which, args.device, args.json_path, args.quick, args.repeats, progress=True)
+    result = run_bench(args.which, args.device, args.json_path, args.quick, args.repeats, progress=True,
+                       folder_images=args.folder_images)
     print(format_bench(result))
     return 0
 

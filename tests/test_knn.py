@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from essl.knn import knn_accuracy, knn_predict
+from essl.knn import knn_accuracy, knn_predict, merge_shards
 
 
 def naive_knn(train, train_labels, test, num_classes, k, temperature):
@@ -114,3 +114,37 @@ def test_bad_arguments(kwargs, match):
     train, labels, test, num_classes = (args.pop(n) for n in ("train", "labels", "test", "num_classes"))
     with pytest.raises(ValueError, match=match):
         knn_predict(train, labels, test, num_classes, **args)
+
+
+@pytest.mark.parametrize("n, world", [(10, 1), (10, 3), (7, 2), (3, 4)])
+def test_merge_shards_gives_back_the_single_process_split(n, world):
+    """Shards as essl's ShardSampler deals them (rank r: r, r + W, ..., padded by wrapping to equal lengths) and
+    all_gather stacks them: de-duplicated and in sample order, they are the split itself."""
+    from essl.data.module import ShardSampler
+
+    g = torch.Generator().manual_seed(n)
+    feats, labels = torch.randn(n, 4, generator=g), torch.randint(3, (n,), generator=g)
+    shards = [list(ShardSampler(n, r, world)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and set().union(*map(set, shards)) == set(range(n))
+    index = torch.tensor(shards)  # (world, per rank), as LightningModule.all_gather returns
+    got_x, got_y = merge_shards(index, feats[index], labels[index])
+    assert torch.equal(got_x, feats) and torch.equal(got_y, labels)
+    assert knn_accuracy(got_x, got_y, got_x, got_y, 3, k=2) == knn_accuracy(feats, labels, feats, labels, 3, k=2)
+
+
+def test_knn_monitor_interval(tmp_path):
+    """eval.knn_every_n_epochs: the monitor runs every n-th epoch (Lightning's check_val_every_n_epoch)."""
+    import csv
+    from pathlib import Path
+
+    from essl.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    assert main(["pretrain", str(root / "configs/digits/simclr.yaml"), f"output_dir={run}", "trainer.max_epochs=4",
+                 "trainer.limit_train_batches=1", "data.batch_size=16", "progress=false", "backbone.kwargs.width=4",
+                 "method.kwargs.hidden_dim=16", "eval.knn_monitor=true", "eval.knn_every_n_epochs=2",
+                 "eval.knn_k=5"]) == 0
+    with open(run / "metrics.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh) if r.get("val/knn_acc")]
+    assert epochs == [1, 3]

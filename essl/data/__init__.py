@@ -11,9 +11,15 @@ labels, in memory) for:
   decoded once into memory at ``image_size`` (shorter side resized, centre crop).
 
 A path given instead of a name is recognised by its layout. A missing path is a UserError naming it.
+
+``load_pretrain_data(name_or_path, image_size, path, num_workers)`` is what pretraining reads: the same sets, but
+image folders and STL-10 as :class:`~essl.data.lazy.LazyImages` (a file list or a memory-mapped file, decoded in
+the DataLoader workers; channel statistics from a cached sample), so a million-file folder starts in seconds and
+memory does not grow with its size (:mod:`essl.data.lazy`).
 """
 
-from essl.data.images import DATASETS, LabelledData, load_labelled
+from essl.data.images import DATASETS, LabelledData, load_labelled, load_pretrain_data
+from essl.data.lazy import LazyImages
 from essl.data.module import ImageDataModule
 
-__all__ = ["DATASETS", "ImageDataModule", "LabelledData", "load_labelled"]
+__all__ = ["DATASETS", "ImageDataModule", "LabelledData", "LazyImages", "load_labelled", "load_pretrain_data"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,15 +11,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
+from essl.data.lazy import FolderImages, LazyImages, folder_splits, lazy_folder, lazy_stl10
 from essl.errors import UserError
 
 DIGITS_SPLIT_SEED = 0  # the digits train/test split is fixed: results are comparable across runs
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_MAX_VALUE = 16.0  # scikit-learn's digits are integers in [0, 16]
-FOLDER_TEST_FRACTION = 0.1  # a flat ImageFolder tree is split 90/10 with a fixed seed
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 STL10_SIDE = 96
+DECODE_BATCH = 64  # images per batch when a folder is decoded into memory
+MAX_DECODE_WORKERS = 8
 
 
 @dataclass
@@ -54,6 +57,27 @@ class LabelledData:
         if self.unlabelled is None:
             return self.x_train
         return torch.cat([self.x_train, self.unlabelled])
+
+    # the interface shared with essl.data.lazy.LazyImages (what the DataModule and the composition root use)
+    @property
+    def n_pretrain(self) -> int:
+        return len(self.x_train) + (len(self.unlabelled) if self.unlabelled is not None else 0)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.x_test)
+
+    def pretrain_dataset(self) -> TensorDataset:
+        """(image, label) of the pretraining images; unlabelled ones have label -1 (pretraining ignores labels)."""
+        x = self.pretrain_images()
+        y = torch.cat([self.y_train, torch.full((len(x) - len(self.y_train),), -1, dtype=self.y_train.dtype)])
+        return TensorDataset(x, y)
+
+    def bank_dataset(self) -> TensorDataset:
+        return TensorDataset(self.x_train, self.y_train)
+
+    def test_dataset(self) -> TensorDataset:
+        return TensorDataset(self.x_test, self.y_test)
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -143,45 +167,25 @@ def load_stl10(root: Path, image_size: int | None, unlabelled: bool = True) -> L
     )
 
 
-def _decode_folder(root: Path, classes: list[str], image_size: int) -> tuple[Tensor, Tensor]:
-    from PIL import Image
-
+def _decode_all(images: FolderImages) -> tuple[Tensor, Tensor]:
+    """Every image of a file list, decoded into memory by loader workers (one per core, at most
+    :data:`MAX_DECODE_WORKERS`), in order."""
+    workers = min(MAX_DECODE_WORKERS, os.cpu_count() or 1) if len(images) > DECODE_BATCH else 0
     xs, ys = [], []
-    for label, cls in enumerate(classes):
-        for f in sorted((root / cls).rglob("*")):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                scale = image_size / min(im.size)
-                w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-                im = im.resize((w, h), Image.BILINEAR)
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-                xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-                ys.append(label)
-    if not xs:
-        raise UserError(f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    for x, y in DataLoader(images, batch_size=DECODE_BATCH, num_workers=workers):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys).to(torch.int64)
 
 
 def load_folder(root: Path, image_size: int | None) -> LabelledData:
-    size = image_size or 32
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if (root / "train").is_dir() and test_dir is not None:
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        if not classes:
-            raise UserError(f"image folder {root / 'train'} has no class sub-folders")
-        xtr, ytr = _decode_folder(root / "train", classes, size)
-        xte, yte = _decode_folder(test_dir, classes, size)
-    else:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not classes:
-            raise UserError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
-        x, y = _decode_folder(root, classes, size)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
-        n_test = max(1, int(round(FOLDER_TEST_FRACTION * len(y))))
-        xte, yte, xtr, ytr = x[perm[:n_test]], y[perm[:n_test]], x[perm[n_test:]], y[perm[n_test:]]
+    """An ImageFolder tree decoded into memory at ``image_size`` (for the probe; pretraining decodes lazily,
+    :func:`essl.data.lazy.lazy_folder`). A folder has no native size: ``image_size`` is required."""
+    if not image_size:
+        raise UserError(f"image folder {root}: images of a folder have no common size; set data.image_size")
+    train, test, classes = folder_splits(root)
+    xtr, ytr = _decode_all(FolderImages(train, image_size))
+    xte, yte = _decode_all(FolderImages(test, image_size))
     return LabelledData(f"folder:{root}", xtr, ytr, xte, yte, num_classes=len(classes))
 
 
@@ -212,6 +216,42 @@ def load_phc_maps(path: str) -> LabelledData:
                         mean=(EPS_MIN,), std=(EPS_SPAN,))
 
 
+def _resolve(name_or_path: str, path: str | None) -> tuple[str | None, str | None]:
+    """(registered name or None, path) of what ``data.name`` / ``data.path`` (or ``--data``) designate."""
+    if name_or_path not in DATASETS:
+        return None, name_or_path
+    return name_or_path, path
+
+
+def _existing_folder(name: str | None, name_or_path: str, path: str) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        if name is None and "/" not in str(name_or_path) and not Path(str(name_or_path)).suffix:
+            raise UserError(f"dataset {name_or_path!r}: not a dataset name ({', '.join(DATASETS)}) nor an "
+                            "existing path")
+        raise UserError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}")
+    return root
+
+
+def load_pretrain_data(name_or_path: str, image_size: int | None = None, path: str | None = None,
+                       num_workers: int = 0) -> LabelledData | LazyImages:
+    """What pretraining reads: image folders and STL-10 decoded lazily in the loader workers
+    (:mod:`essl.data.lazy`), the small sets (digits, CIFAR, photonic maps) in memory (:func:`load_labelled`)."""
+    name, path = _resolve(name_or_path, path)
+    if name in ("folder", "stl10", None) and path and not str(path).endswith((".h5", ".hdf5")):
+        root = _existing_folder(name, name_or_path, path)
+        kind = name or _guess(root)
+        if kind == "folder":
+            if not image_size:
+                raise UserError(f"image folder {root}: images of a folder have no common size; set data.image_size")
+            return lazy_folder(root, image_size, num_workers)
+        if kind == "stl10":
+            return lazy_stl10(_find(root, "stl10_binary"), image_size or STL10_SIDE, num_workers)
+    return load_labelled(name_or_path, image_size, path)
+
+
 def _guess(root: Path) -> str:
     if (root / "cifar-10-batches-py").is_dir() or (root / "data_batch_1").is_file():
         return "cifar10"
@@ -224,23 +264,14 @@ def _guess(root: Path) -> str:
 
 def load_labelled(name_or_path: str, image_size: int | None = None, path: str | None = None) -> LabelledData:
     """Load a labelled dataset by name (``path`` for the on-disk ones) or by its path alone."""
-    name = name_or_path
-    if name not in DATASETS:
-        path, name = name_or_path, None
+    name, path = _resolve(name_or_path, path)
     if name == "digits":
         return load_digits(image_size or 32)
     if not path:
         raise UserError(f"dataset {name!r} needs data.path (the folder or file that holds it)")
     if name == "phc" or str(path).endswith((".h5", ".hdf5")):
         return load_phc_maps(path)
-    root = Path(path).expanduser()
-    if not root.exists():
-        if name is None and "/" not in str(name_or_path) and not Path(str(name_or_path)).suffix:
-            raise UserError(f"dataset {name_or_path!r}: not a dataset name ({', '.join(DATASETS)}) nor an "
-                            "existing path")
-        raise UserError(f"data path does not exist: {root}")
-    if not root.is_dir():
-        raise UserError(f"data path is not a folder: {root}")
+    root = _existing_folder(name, name_or_path, path)
     name = name or _guess(root)
     if name in ("cifar10", "cifar100"):
         return load_cifar(root, 10 if name == "cifar10" else 100, image_size)

@@ -70,11 +70,63 @@ def test_solver_section(quick_runs):
 
 def test_format_bench_has_every_section(quick_runs):
     merged = dict(quick_runs["pipeline"][1])
-    for section in ("train", "solver"):
+    for section in bench.SECTIONS[1:]:
         merged[section] = quick_runs[section][1][section]
     text = bench.format_bench(merged)
-    for heading in ("**Augmentation**", "**Training step**", "**Band solver**", "| small_cnn |", "QUICK"):
+    for heading in ("**Augmentation**", "**Training step**", "**Band solver**", "| small_cnn |", "QUICK",
+                    "**Host syncs**", "**Loader**"):
         assert heading in text, heading
+
+
+def test_train_section_counts_host_reads(quick_runs):
+    for name in bench.QUICK_BACKBONES:
+        assert quick_runs["train"][1]["train"][name]["e_simclr"]["host_reads_per_step"] == 0
+
+
+def test_hostsync_section(quick_runs):
+    """Before: kornia's and lightly's ops read back (ColorJitter, and the blur of E-BYOL); after: none."""
+    h = quick_runs["hostsync"][1]["hostsync"]
+    for config in bench.QUICK_HOSTSYNC_CONFIGS:
+        r = h[f"{config}/{bench.QUICK_BACKBONES[0]}"]
+        assert r["reads_after"] == 0 and r["reads_before"] > 0
+        assert _positive(r["step_ms_before"]) and _positive(r["step_ms_after"])
+        assert any("color_jitter" in site for site in r["sites_before"])
+    assert h["e-byol/small_cnn"]["reads_before"] > h["e-simclr/small_cnn"]["reads_before"]  # + the blurs
+
+
+def test_loader_section(quick_runs):
+    ld = quick_runs["loader"][1]["loader"]
+    assert ld["images"] == bench.QUICK_LOADER_IMAGES and ld["image_size"] == bench.QUICK_LOADER_IMAGE_SIZE
+    assert all(_positive(v) for v in ld["images_per_s_by_workers"].values())
+    assert _positive(ld["per_worker_images_per_s"]) and _positive(ld["startup_s"]) and _positive(ld["jpeg_kb_mean"])
+    assert "workers_needed" not in ld  # the GPU step rate is measured on a GPU only
+    _check_memory(ld["memory"])
+
+
+def test_folder_benchmark_quick(tmp_path):
+    """``python -m essl.eval.bench folder`` (not part of ``all``): start-up and memory in fresh processes."""
+    r = bench.run_bench("folder", device="cpu", quick=True, json_path=str(tmp_path / "folder.json"))
+    runs = r["folder"]["runs"]
+    assert sorted(runs, key=int) == [str(n) for n in bench.QUICK_FOLDER_SIZES]
+    for per_size in runs.values():
+        for kind in ("lazy_cold", "lazy_warm", "in_memory"):
+            probe = per_size[kind]
+            assert probe["batch_shape"][1:] == [3, bench.FOLDER_IMAGE_PX, bench.FOLDER_IMAGE_PX]
+            assert _positive(probe["first_batch_s"]) and _positive(probe["peak_rss_mb"])
+        assert per_size["lazy_warm"]["data_s"] <= per_size["lazy_cold"]["data_s"] + 1.0  # cached statistics
+    assert "**Large folder**" in bench.format_bench(r)
+
+
+def test_cli_bench_all_on_cpu_is_the_gpu_code_path(tmp_path, capsys):
+    """`essl bench all --device cuda --json ...` is what a GPU user runs; the same code, quick, on the CPU."""
+    from essl.cli import main
+
+    out = tmp_path / "all.json"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert set(bench.SECTIONS) <= set(written)
+    assert written["hostsync"]["e-simclr/small_cnn"]["reads_after"] == 0
+    assert "structures/s" in capsys.readouterr().out
 
 
 def test_unknown_section_and_bad_repeats_are_errors():
