@@ -1,6 +1,6 @@
 """essl: equivariant self-supervised learning (Dangovski et al., "Equivariant Contrastive Learning", ICLR 2022)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load_encoder(path, map_location="cpu"):
