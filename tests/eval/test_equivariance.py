@@ -66,8 +66,19 @@ def test_invariance_scores_by_hand():
     plain = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     rotated = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # image 0 changes completely, image 1 not at all
     s = invariance_scores(plain, [plain, rotated])
-    assert s["cosine"] == pytest.approx(0.5) and s["cosine_other_images"] == pytest.approx(0.0)
-    assert s["cosine_per_element"] == [1.0, pytest.approx(0.5)]
+    assert s["cosine_uncentred"] == pytest.approx(0.5) and s["cosine_other_images_uncentred"] == pytest.approx(0.0)
+
+
+def test_centred_cosines_remove_the_common_component():
+    """Features c + e_i (a large shared component c plus one unit vector per image): raw cosines are all ~1 whatever
+    the transformation does; centred on the mean, e_i - ē against e_j - ē is exactly -1/3 for i != j (4 images)."""
+    e = torch.eye(5)
+    plain = 10 * e[4] + e[:4]
+    same = invariance_scores(plain, [plain, plain.clone()])
+    assert same["cosine"] == pytest.approx(1.0) and same["cosine_per_element"] == [1.0, pytest.approx(1.0)]
+    swapped = invariance_scores(plain, [plain, plain.roll(1, dims=0)])  # g sends image i to image i - 1's features
+    assert swapped["cosine_uncentred"] == pytest.approx(100 / 101)  # (c + e_i)·(c + e_j) / |c + e_i|²
+    assert swapped["cosine"] == pytest.approx(-1 / 3) and swapped["cosine_other_images"] == pytest.approx(-1 / 3)
 
 
 def test_grayscale_on_one_channel_is_skipped_and_the_table_prints():
