@@ -8,7 +8,7 @@ counts states per unit cell area (a = 1) per unit reduced frequency ω = ωa/2π
 (the sum rule; tests check it). For a homogeneous medium of ε = 1 the number of states below ω is the area of
 the disc |k| ≤ ω, N(ω) = πω², hence DOS = 2πω: the empty-lattice line of the benchmark, per polarisation.
 
-Label convention (Loh et al., Nat. Commun. 13, 4223 (2022); Dangovski et al., ICLR 2022; DESIGN.md). Frequencies
+Label convention (Loh et al., Nat. Commun. 13, 4223 (2022); Dangovski et al., ICLR 2022; docs/design.md). Frequencies
 are rescaled by √ε_avg (ε_avg = mean of the pixel map): ω' = ω √ε_avg, so that a homogeneous cell of any ε has
 the bands of the ε = 1 empty lattice. The DOS is evaluated in ω' on ``N_FREQ`` = 500 points in [0, 1.2]; as a
 density in ω' it is DOS_ω(ω'/√ε_avg) / √ε_avg — the "divided by √ε_avg" of the convention is the Jacobian and is
@@ -19,7 +19,7 @@ lattice is complete up to ω' = 1.58 (the minimum of its 11th band), above the l
 Methods.
 
 * ``"gaussian"``: every (band, k-point) contributes a Gaussian of width ``sigma`` at ω_n(k). Coarse grids need
-  a large ``sigma`` (DESIGN.md: 25% relative-L1 difference between 16² and 32² grids at σ = 0.006).
+  a large ``sigma`` (docs/design.md: 25% relative-L1 difference between 16² and 32² grids at σ = 0.006).
 * ``"ggr"`` (default): the generalised Gilat–Raubenheimer method (Gilat & Raubenheimer, Phys. Rev. 144, 390
   (1966); Liu, Johnson et al., "Generalized Gilat–Raubenheimer method for density-of-states calculation in
   photonic crystals", J. Opt. 20, 044005 (2018)). Inside the square k-cell of side Δ = 1/n around every grid
