@@ -672,22 +672,8 @@ def _generate_locked(
     """The part of :func:`generate` that runs under the lock of ``out``."""
     kind, seed, size, n = settings["kind"], settings["seed"], settings["size"], settings["n"]
     if out.exists():
-        try:
-            with h5py.File(out, "r") as f:
-                if f.attrs.get("format") != FORMAT:
-                    raise OSError("no essl format attribute")
-                stored, completed = _stored_settings(f), int(f.attrs.get("completed", -1))
-        except OSError:
-            raise UserError(
-                f"{out}: exists and is not an essl photonic-crystal dataset; will not overwrite"
-            ) from None
-        problem = _first_difference(out, stored, settings)
-        if problem:
-            raise UserError(f"{problem}; will not append to it (choose another --out or delete it)")
-        if completed == rows:
-            print(f"{out}: already complete ({completed} structures, same settings); nothing to do")
-            return out
-        raise UserError(f"{out}: incomplete ({completed} of {rows} structures) but not a .partial file")
+        _check_finished(out, settings, rows, "", "append to it (choose another --out or delete it)")
+        return out
 
     name = device_name(dev)
     completed = _open_partial(partial, settings, name) if partial.exists() else -1
@@ -886,24 +872,32 @@ def merge(out: str | os.PathLike, shards: Sequence[str | os.PathLike], *, progre
             _remove_if_empty(new_dirs)
 
 
+def _check_finished(out: Path, settings: dict[str, Any], rows: int, prefix: str, refusal: str) -> None:
+    """An existing ``out`` that ``generate`` or ``merge`` would write: returns when it already holds all ``rows``
+    structures of these settings (nothing to do, said on stdout); otherwise a UserError saying why it is left
+    alone (``prefix`` starts each message, ``refusal`` ends the one for other settings)."""
+    try:
+        with h5py.File(out, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise OSError("no essl format attribute")
+            stored, completed = _stored_settings(f), int(f.attrs.get("completed", -1))
+    except OSError:
+        raise UserError(f"{prefix}{out}: exists and is not an essl photonic-crystal dataset; "
+                        "will not overwrite") from None
+    problem = _first_difference(out, stored, settings)
+    if problem:
+        raise UserError(f"{prefix}{problem}; will not {refusal}")
+    if completed != rows:
+        raise UserError(f"{prefix}{out}: exists, incomplete ({completed} of {rows} structures) and not a .partial "
+                        "file; will not overwrite it")
+    print(f"{out}: already complete ({completed} structures, same settings); nothing to do")
+
+
 def _merge_locked(out: Path, ordered: list[_ShardInfo], settings: dict[str, Any], progress: bool) -> Path:
     n = settings["n"]
     if out.exists():
-        try:
-            with h5py.File(out, "r") as f:
-                stored, completed = _stored_settings(f), int(f.attrs.get("completed", -1))
-                ok = f.attrs.get("format") == FORMAT
-        except OSError:
-            ok = False
-        if not ok:
-            raise UserError(f"phc merge: {out}: exists and is not an essl photonic-crystal dataset; will not overwrite")
-        problem = _first_difference(out, stored, settings)
-        if problem:
-            raise UserError(f"phc merge: {problem}; will not overwrite it (choose another OUT or delete it)")
-        if completed == n:
-            print(f"{out}: already complete ({n} structures, same settings); nothing to do")
-            return out
-        raise UserError(f"phc merge: {out}: exists, incomplete ({completed} of {n}); will not overwrite it")
+        _check_finished(out, settings, n, "phc merge: ", "overwrite it (choose another OUT or delete it)")
+        return out
     _check_space("phc merge", out, file_bytes(settings, n), None)
     devices: list[str] = []
     for info in ordered:

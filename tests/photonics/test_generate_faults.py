@@ -388,6 +388,15 @@ def test_merge_refuses_what_is_not_one_whole_set_of_shards(tmp_path):
     with pytest.raises(UserError, match="a1-copy.h5 and .*a1.h5 are both shard 1/3"):
         merge(partial, [s0, s1, copy, s2], progress=False)
     assert not partial.exists() and not list(tmp_path.glob(".*"))
+    # an existing output: a finished merge is left as it is, a foreign file is refused
+    done = merge(tmp_path / "merged.h5", [s0, s1, s2], progress=False)
+    before = done.read_bytes()
+    assert merge(done, [s0, s1, s2], progress=False) == done and done.read_bytes() == before
+    foreign = tmp_path / "foreign.h5"
+    foreign.write_bytes(b"not an HDF5 file")
+    with pytest.raises(UserError, match="phc merge: .*foreign.h5: exists and is not an essl photonic-crystal"):
+        merge(foreign, [s0, s1, s2], progress=False)
+    assert foreign.read_bytes() == b"not an HDF5 file"
 
 
 # ---- user errors ---------------------------------------------------------------------------------------------------
